@@ -1,0 +1,37 @@
+"""ModuLoRA: finetune LLMs whose weights are stored in 2, 3 or 4 bits by any quantizer.
+
+The public face; everything here is re-exported from ``modulora_core``.
+"""
+
+from __future__ import annotations
+
+from modulora_core import (
+    AdapterError,
+    BoundQuantizer,
+    CalibrationError,
+    Capabilities,
+    CheckpointError,
+    InvalidWeightError,
+    ModuLoRAError,
+    PackedWeight,
+    PluginError,
+    Quantizer,
+    QuantizerConfig,
+    QuantizerConfigError,
+    TargetModulesError,
+    UnknownQuantizerError,
+    available_quantizers,
+    get_quantizer,
+    hookimpl,
+    list_plugins,
+)
+from modulora_core.layers import ModuLoRALinear
+from modulora_core.lora_config import LoraConfig
+
+__version__ = "0.1.0"
+__all__ = [
+    "AdapterError", "BoundQuantizer", "CalibrationError", "Capabilities", "CheckpointError",
+    "InvalidWeightError", "LoraConfig", "ModuLoRAError", "ModuLoRALinear", "PackedWeight", "PluginError",
+    "Quantizer", "QuantizerConfig", "QuantizerConfigError", "TargetModulesError", "UnknownQuantizerError",
+    "available_quantizers", "get_quantizer", "hookimpl", "list_plugins",
+]

@@ -1,0 +1,25 @@
+"""modulora_core: the engine of ModuLoRA. Plugins import only the names re-exported here."""
+
+from __future__ import annotations
+
+from .errors import (
+    AdapterError,
+    CalibrationError,
+    CheckpointError,
+    InvalidWeightError,
+    ModuLoRAError,
+    PluginError,
+    QuantizerConfigError,
+    TargetModulesError,
+    UnknownQuantizerError,
+)
+from .hookspecs import hookimpl
+from .quantizer import Capabilities, PackedWeight, Quantizer, QuantizerConfig
+from .registry import BoundQuantizer, available_quantizers, get_quantizer, list_plugins
+
+__all__ = [
+    "AdapterError", "BoundQuantizer", "CalibrationError", "Capabilities", "CheckpointError",
+    "InvalidWeightError", "ModuLoRAError", "PackedWeight", "PluginError", "Quantizer", "QuantizerConfig",
+    "QuantizerConfigError", "TargetModulesError", "UnknownQuantizerError", "available_quantizers",
+    "get_quantizer", "hookimpl", "list_plugins",
+]
