@@ -52,7 +52,6 @@ class RTNQuantizer(Quantizer):
             bound *= 1.6
         return Capabilities(
             bits=config.bits,
-            in_multiple=g if g > 0 else 1,
             max_relative_error=bound,
             max_relative_error_heavy_tailed=bound * 2.5,
             # rows are padded to 8 codes; the budget assumes in_features >= 64 for whole-row groups
@@ -63,7 +62,9 @@ class RTNQuantizer(Quantizer):
         out_f, in_f = weight.shape
         g = config.group_size if config.group_size > 0 else in_f
         maxq = (1 << config.bits) - 1
-        w = weight.detach().to(torch.float32).reshape(out_f, in_f // g, g)  # (out, G, g)
+        # a ragged last group is zero-padded: 0 is always inside the range, so padding moves no scale
+        w = torch.nn.functional.pad(weight.detach().to(torch.float32), (0, (-in_f) % g))
+        w = w.reshape(out_f, -1, g)  # (out, G, g)
         if config.symmetric:
             amax = w.abs().amax(-1)
             scale = (2 * amax / maxq).clamp_min(1e-8).half().float()  # round-trip: dequant uses fp16
@@ -74,7 +75,7 @@ class RTNQuantizer(Quantizer):
             scale = ((hi - lo) / maxq).clamp_min(1e-8).half().float()
             zero = torch.round(-lo / scale).clamp(0, maxq)
         codes = torch.clamp(torch.round(w / scale[..., None]) + zero[..., None], 0, maxq)
-        return {"codes": codes.reshape(out_f, in_f).to(torch.uint8), "scales": scale.half(),
+        return {"codes": codes.reshape(out_f, -1)[:, :in_f].to(torch.uint8), "scales": scale.half(),
                 "zeros": zero.to(torch.uint8), "config": config, "shape": (out_f, in_f), "dtype": weight.dtype}
 
     def pack(self, state: dict) -> PackedWeight:
@@ -94,10 +95,15 @@ class RTNQuantizer(Quantizer):
         scales = t["scales"][r].to(dtype)  # (R, G)
         n = codes.shape[0]
         g = cfg.group_size if cfg.group_size > 0 else in_f
-        q = codes.view(n, in_f // g, g).to(dtype)
+        pad = (-in_f) % g
+        q = codes.to(dtype)
+        if pad:
+            q = torch.nn.functional.pad(q, (0, pad))
+        q = q.view(n, -1, g)  # (R, G, g)
+        # in place: a row tile costs one dense tile of memory, not three
         if cfg.symmetric:
-            q = q - float((1 << cfg.bits) // 2)
+            q.sub_(float((1 << cfg.bits) // 2))
         else:
-            q = q - t["zeros"][r].to(dtype)[..., None]
-        w = (q * scales[..., None]).view(n, in_f)
+            q.sub_(t["zeros"][r].to(dtype)[..., None])
+        w = q.mul_(scales[..., None]).view(n, -1)[:, :in_f]
         return w if device is None else w.to(device)
