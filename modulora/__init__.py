@@ -25,8 +25,17 @@ from modulora_core import (
     hookimpl,
     list_plugins,
 )
+from modulora_core.adapters import dequantize, load_adapter, save_adapter
 from modulora_core.layers import ModuLoRALinear
 from modulora_core.lora_config import LoraConfig
+from modulora_core.model import (
+    iter_modulora_layers,
+    load,
+    load_quantized,
+    lora_parameters,
+    save_quantized,
+    set_adapter_enabled,
+)
 
 __version__ = "0.1.0"
 __all__ = [
@@ -34,4 +43,6 @@ __all__ = [
     "InvalidWeightError", "LoraConfig", "ModuLoRAError", "ModuLoRALinear", "PackedWeight", "PluginError",
     "Quantizer", "QuantizerConfig", "QuantizerConfigError", "TargetModulesError", "UnknownQuantizerError",
     "available_quantizers", "get_quantizer", "hookimpl", "list_plugins",
+    "dequantize", "iter_modulora_layers", "load", "load_adapter", "load_quantized", "lora_parameters",
+    "save_adapter", "save_quantized", "set_adapter_enabled",
 ]

@@ -52,6 +52,8 @@ class RTNQuantizer(Quantizer):
             bound *= 1.6
         return Capabilities(
             bits=config.bits,
+            # codes x fp16 scales are exact in float32 and float64 alike; float64 lets the kit gradcheck
+            dtypes=("float32", "float16", "bfloat16", "float64"),
             max_relative_error=bound,
             max_relative_error_heavy_tailed=bound * 2.5,
             # rows are padded to 8 codes; the budget assumes in_features >= 64 for whole-row groups
