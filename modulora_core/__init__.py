@@ -14,6 +14,9 @@ from .errors import (
     UnknownQuantizerError,
 )
 from .hookspecs import hookimpl
+from .layers import ModuLoRALinear
+from .lora_config import LoraConfig
+from .model import ModuLoRAInfo, finalize_model, matches_target, replace_linear
 from .quantizer import Capabilities, PackedWeight, Quantizer, QuantizerConfig
 from .registry import BoundQuantizer, available_quantizers, get_quantizer, list_plugins
 
@@ -22,4 +25,6 @@ __all__ = [
     "InvalidWeightError", "ModuLoRAError", "PackedWeight", "PluginError", "Quantizer", "QuantizerConfig",
     "QuantizerConfigError", "TargetModulesError", "UnknownQuantizerError", "available_quantizers",
     "get_quantizer", "hookimpl", "list_plugins",
+    # for plugins that take over models quantized elsewhere
+    "LoraConfig", "ModuLoRAInfo", "ModuLoRALinear", "finalize_model", "matches_target", "replace_linear",
 ]

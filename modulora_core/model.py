@@ -34,7 +34,7 @@ from .errors import (
 from .files import read_json, read_safetensors, staged_writes, tensors_digest, write_json
 from .layers import PACKED_PREFIX, ModuLoRALinear
 from .lora_config import LoraConfig
-from .quantizer import QuantizerConfig
+from .quantizer import PackedWeight, Quantizer, QuantizerConfig
 from .registry import BoundQuantizer, Family, available_quantizers, get_family, get_quantizer, get_registry
 
 if TYPE_CHECKING:
@@ -59,6 +59,16 @@ class ModuLoRAInfo:
     chunk_rows: int | None
     modules: list[str] = field(default_factory=list)
     base_model_name_or_path: str | None = None
+
+    @classmethod
+    def from_bound(cls, bq: BoundQuantizer, *, lora: LoraConfig, chunk_rows: int | None, modules: list[str],
+                   base_model_name_or_path: str | None = None) -> ModuLoRAInfo:
+        """The record for layers quantized (or converted) with ``bq``."""
+        fam = get_family(bq.family)
+        return cls(quantizer=bq.name, family=bq.family, config=bq.config.to_json(),
+                   plugin=fam.distribution or bq.plugin, plugin_version=bq.version,
+                   format_version=bq.quantizer.format_version, lora=lora, chunk_rows=chunk_rows,
+                   modules=modules, base_model_name_or_path=base_model_name_or_path)
 
 
 # -- small helpers --------------------------------------------------------------------------------------
@@ -207,6 +217,8 @@ def load(model: PreTrainedModel | str | os.PathLike, quantizer: QuantizerLike | 
         return loader(model, lora=lora, chunk_rows=chunk_rows)
 
     bq = quantizer if isinstance(quantizer, BoundQuantizer) else get_quantizer(quantizer)
+    if isinstance(model, nn.Module) and (loader := get_registry().detect_format(model)) is not None:
+        return _take_over_as(model, loader, bq, lora=lora, chunk_rows=chunk_rows)
     lora = lora or LoraConfig()
     hessians = _check_calibration(bq, calibration)
     if isinstance(model, (str, os.PathLike)):
@@ -230,14 +242,22 @@ def load(model: PreTrainedModel | str | os.PathLike, quantizer: QuantizerLike | 
     if any(f"{n}.weight" in tied_before for n in names) and hasattr(model.config, "tie_word_embeddings"):
         # a quantized lm_head no longer shares the embedding's storage: stop transformers retying them
         model.config.tie_word_embeddings = False
-    _freeze_base(model)
-    fam = get_family(bq.family)
-    model.modulora_info = ModuLoRAInfo(
-        quantizer=bq.name, family=bq.family, config=bq.config.to_json(), plugin=fam.distribution or bq.plugin,
-        plugin_version=bq.version, format_version=bq.quantizer.format_version, lora=lora,
-        chunk_rows=chunk_rows, modules=names,
-        base_model_name_or_path=getattr(model.config, "_name_or_path", None),
-    )
+    info = ModuLoRAInfo.from_bound(bq, lora=lora, chunk_rows=chunk_rows, modules=names,
+                                   base_model_name_or_path=getattr(model.config, "_name_or_path", None))
+    return finalize_model(model, info)
+
+
+def _take_over_as(model: nn.Module, loader: Any, bq: BoundQuantizer, **kw: Any) -> PreTrainedModel:
+    """A model already quantized elsewhere (e.g. bitsandbytes 4-bit): its dense weights are gone, so it is
+    converted as it is; the requested quantizer must be the one it was quantized with."""
+    model = loader(model, **kw)
+    info: ModuLoRAInfo = model.modulora_info
+    if info.family != bq.family or json.loads(info.config) != json.loads(bq.config.to_json()):
+        raise ModuLoRAError(
+            f"the model is already quantized as {info.quantizer!r} ({info.config}), so it cannot be "
+            f"quantized with {bq.name!r}: its dense weights are gone. It has been converted as "
+            f"{info.quantizer!r}; call modulora.load(model) without quantizer=, or load the dense model"
+        )
     return model
 
 
@@ -265,18 +285,36 @@ def _check_calibration(bq: BoundQuantizer, calibration: Any) -> Mapping[str, tor
 
 def _swap_in(model: nn.Module, name: str, bq: BoundQuantizer, lora: LoraConfig, chunk_rows: int | None,
              hessian: torch.Tensor | None) -> None:
-    parent_name, _, leaf = name.rpartition(".")
-    parent = model.get_submodule(parent_name)
-    old: nn.Linear = getattr(parent, leaf)
+    old: nn.Linear = model.get_submodule(name)
     weight = old.weight.detach()  # (out, in)
     packed = bq.quantize(weight.to(torch.float32), hessian)
     packed.dtype = weight.dtype  # remember the model's dtype (export, dense_weight), not the compute one
-    new = ModuLoRALinear(packed, bq.quantizer, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
-                         bias=None if old.bias is None else old.bias.detach(), chunk_rows=chunk_rows,
-                         quantizer_name=bq.name, plugin_version=bq.version)
-    setattr(parent, leaf, new.to(weight.device))
+    replace_linear(model, name, packed, bq.quantizer, lora=lora, chunk_rows=chunk_rows,
+                   bias=None if old.bias is None else old.bias.detach(), quantizer_name=bq.name,
+                   plugin_version=bq.version)
     # the last reference to the dense weight goes here (unless tied), so peak memory stays one layer
     del old, weight
+
+
+def replace_linear(model: nn.Module, name: str, packed: PackedWeight, quantizer: Quantizer, *,
+                   lora: LoraConfig, bias: torch.Tensor | None = None, chunk_rows: int | None = None,
+                   quantizer_name: str | None = None, plugin_version: str | None = None) -> ModuLoRALinear:
+    """Put a ModuLoRALinear over ``packed`` (``[out, in]``) in place of module ``name``; returns it.
+
+    For plugins that take over models quantized elsewhere (their packed data converted, not recomputed).
+    """
+    parent_name, _, leaf = name.rpartition(".")
+    layer = ModuLoRALinear(packed, quantizer, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, bias=bias,
+                           chunk_rows=chunk_rows, quantizer_name=quantizer_name, plugin_version=plugin_version)
+    setattr(model.get_submodule(parent_name) if parent_name else model, leaf, layer.to(packed.device))
+    return layer
+
+
+def finalize_model(model: nn.Module, info: ModuLoRAInfo) -> nn.Module:
+    """Freeze everything but LoRA A/B and record ``info`` as ``model.modulora_info``; returns ``model``."""
+    _freeze_base(model)
+    model.modulora_info = info
+    return model
 
 
 def _freeze_base(model: nn.Module) -> None:
@@ -444,10 +482,8 @@ def load_quantized(directory: str | os.PathLike, *, lora: LoraConfig | None = No
             packed = fam.quantizer.unpack(packed_t, {**e, "quantizer": e["family"]})
         except (ModuLoRAError, KeyError, ValueError) as err:
             raise CheckpointError(f"{d}: plugin {fam.plugin} cannot unpack module {name}: {err}") from err
-        layer = ModuLoRALinear(packed, fam.quantizer, r=lcfg.r, alpha=lcfg.alpha, dropout=lcfg.dropout,
-                               bias=bias, chunk_rows=cr, quantizer_name=e["quantizer"],
-                               plugin_version=fam.version)
-        setattr(model.get_submodule(parent_name), leaf, layer)
+        replace_linear(model, name, packed, fam.quantizer, lora=lcfg, bias=bias, chunk_rows=cr,
+                       quantizer_name=e["quantizer"], plugin_version=fam.version)
     result = model.load_state_dict(tensors, strict=False, assign=True)
     if result.unexpected_keys:
         raise CheckpointError(f"{d / WEIGHTS_FILE} has tensors the model lacks: {result.unexpected_keys[:5]}")
@@ -456,13 +492,11 @@ def load_quantized(directory: str | os.PathLike, *, lora: LoraConfig | None = No
     if (d / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(d)
     model.eval()  # as from_pretrained returns it
-    _freeze_base(model)
     e0 = next(iter(entries.values()))
     fam0 = families[next(iter(entries))]
-    model.modulora_info = ModuLoRAInfo(
+    return finalize_model(model, ModuLoRAInfo(
         quantizer=e0["quantizer"], family=e0["family"], config=json.dumps(e0["config"], sort_keys=True),
         plugin=fam0.distribution or fam0.plugin, plugin_version=fam0.version,
         format_version=int(e0["format_version"]), lora=lcfg, chunk_rows=cr, modules=list(entries),
         base_model_name_or_path=index.get("base_model_name_or_path"),
-    )
-    return model
+    ))

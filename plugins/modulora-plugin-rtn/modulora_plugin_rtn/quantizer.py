@@ -7,6 +7,7 @@ Dequantization: ``W[o, i] = scales[o, g] * (code[o, i] - zero[o, g])`` with ``g 
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -46,7 +47,10 @@ class RTNQuantizer(Quantizer):
 
     def capabilities(self, config: RTNConfig) -> Capabilities:
         g = config.group_size
-        overhead = (16 + (0 if config.symmetric else 8)) / (g if g > 0 else 64)
+        # fp16 scale (+ uint8 zero) per group. A row of in_features = 64k holds at most k * ceil(64 / g)
+        # groups, so this budget holds for every in_features that is a multiple of 64 (g > 64 and whole-row
+        # groups included: a 64-wide row is one group); ragged in_features pay one more group per row.
+        overhead = (16 + (0 if config.symmetric else 8)) * (math.ceil(64 / g) if g > 0 else 1) / 64
         bound = _GAUSS_BOUND[config.bits] * (1.0 if 0 < g <= 128 else 1.6)
         if config.symmetric:
             bound *= 1.6
@@ -56,7 +60,7 @@ class RTNQuantizer(Quantizer):
             dtypes=("float32", "float16", "bfloat16", "float64"),
             max_relative_error=bound,
             max_relative_error_heavy_tailed=bound * 2.5,
-            # rows are padded to 8 codes; the budget assumes in_features >= 64 for whole-row groups
+            # codes take exactly `bits` per weight when in_features is a multiple of 8 (rows pad to 8 codes)
             max_bits_per_weight=config.bits + overhead + 0.01,
         )
 

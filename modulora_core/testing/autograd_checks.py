@@ -1,0 +1,175 @@
+"""Conformance checks of the LoRA autograd over a quantizer: gradients, memory, and the fast path.
+
+A mixin of :class:`~modulora_core.testing.QuantizerConformance`; it uses that class's fixtures
+(``bound_quantizer``, ``capabilities``, ``weight_cases``) and knobs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import pytest
+import torch
+
+from ..layers import ModuLoRALinear
+from ..quantizer import Capabilities, PackedWeight
+from ..registry import BoundQuantizer
+from .support import WeightCase, require, who
+from .weights import fit_shape, gaussian_weight, synthetic_hessian
+
+CHUNKED = pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunked"])
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """``||a - ref||_F / ||ref||_F`` in float64 (absolute when ``ref`` is zero)."""
+    d = (a.detach().to(torch.float64) - ref.detach().to(torch.float64)).norm()
+    return float(d / ref.detach().to(torch.float64).norm().clamp_min(1e-30))
+
+
+class AutogradChecks:
+    """ModuLoRALinear over the quantizer: forward/backward against a dense float64 reference."""
+
+    gradcheck_shape: ClassVar[tuple[int, int]] = (12, 16)  # (out, in), rounded up to the preset's multiples
+    gradcheck_batch: ClassVar[tuple[int, ...]] = (2, 2)  # leading dims of x: a 3-D input exercises reshapes
+    gradcheck_fast_mode: ClassVar[bool] = True  # random projections of the Jacobian: a few forwards, not one per input
+    lora_rank: ClassVar[int] = 4
+    chunk_rows: ClassVar[int] = 5  # rows per tile in the chunked variants (ragged against most shapes)
+    grad_rtol: ClassVar[float] = 1e-4  # relative Frobenius tolerance when the layer runs in float32
+    grad_rtol_float64: ClassVar[float] = 1e-9  # ... when it runs in float64
+    fast_path_rtol: ClassVar[float] = 1e-5  # matmul/matmul_T against the materialized weight
+
+    # supplied by QuantizerConformance
+    seed: ClassVar[int]
+    ref_dtype: Any
+    dense: Any
+
+    def compute_dtype(self, caps: Capabilities) -> torch.dtype:
+        """float64 when the preset can materialize it (exact reference), else the reference dtype."""
+        return torch.float64 if "float64" in caps.dtypes else self.ref_dtype(caps)
+
+    def small_layer(self, bq: BoundQuantizer, caps: Capabilities, dtype: torch.dtype,
+                    chunked: bool) -> tuple[ModuLoRALinear, PackedWeight]:
+        """A ``gradcheck_shape`` ModuLoRALinear with random (non-zero) LoRA A and B in ``dtype``."""
+        shape = fit_shape(self.gradcheck_shape, caps.out_multiple, caps.in_multiple)
+        seed = self.seed * 1000 + 100
+        h = synthetic_hessian(shape[1], seed) if caps.needs_calibration else None
+        torch.manual_seed(seed)
+        packed = bq.quantizer.quantize_weight(gaussian_weight(shape, seed, 0.5), bq.config, h)
+        w = bq.quantizer.materialize(packed, dtype=dtype, device="cpu")
+        require(tuple(w.shape) == shape and w.dtype == dtype,  # fail here, not deep inside F.linear
+                f"{who(bq, 'materialize')}(packed, dtype={dtype}) returned shape {tuple(w.shape)} dtype "
+                f"{w.dtype}; expected {shape} = [out, in] and {dtype}")
+        layer = ModuLoRALinear(packed, bq.quantizer, r=self.lora_rank, alpha=2.0 * self.lora_rank,
+                               chunk_rows=self.chunk_rows if chunked else None, lora_dtype=dtype)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():  # B = 0 at init would hide every gradient through A
+            layer.lora_A.weight.copy_(torch.randn(layer.lora_A.weight.shape, generator=g, dtype=dtype) * 0.3)
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g, dtype=dtype) * 0.3)
+        return layer, packed
+
+    def path(self, caps: Capabilities, chunked: bool) -> str:
+        """The quantizer methods the layer calls, for messages."""
+        if caps.fast_path:
+            return "matmul/matmul_T"
+        return f"materialize(rows=...) in tiles of {self.chunk_rows}" if chunked else "materialize"
+
+    @CHUNKED
+    def test_lora_autograd_matches_dense_reference(self, bound_quantizer, capabilities, chunked) -> None:
+        bq, caps = bound_quantizer, capabilities
+        dt = self.compute_dtype(caps)
+        layer, packed = self.small_layer(bq, caps, dt, chunked)
+        g = torch.Generator().manual_seed(self.seed + 7)
+        x = torch.randn(*self.gradcheck_batch, layer.in_features, generator=g, dtype=dt).requires_grad_()
+        a, b = layer.lora_A.weight, layer.lora_B.weight
+        y = layer(x)  # (..., out)
+        gy = torch.randn(y.shape, generator=g, dtype=dt)
+        grads = torch.autograd.grad(y, (x, a, b), gy)
+
+        # the reference: dense float64 math on the same materialized weight
+        w = bq.quantizer.materialize(packed, dtype=dt, device="cpu").to(torch.float64)  # (out, in)
+        x64, a64, b64 = (t.detach().to(torch.float64).requires_grad_() for t in (x, a, b))
+        y_ref = x64 @ w.T + layer.scaling * (x64 @ a64.T) @ b64.T
+        refs = torch.autograd.grad(y_ref, (x64, a64, b64), gy.to(torch.float64))
+
+        tol, knob = (self.grad_rtol_float64, "grad_rtol_float64") if dt == torch.float64 else (
+            self.grad_rtol, "grad_rtol")
+        via = f"{who(bq, self.path(caps, chunked))} through ModuLoRALinear in {dt}"
+        for name, got, ref in (("y (forward)", y, y_ref), ("grad x", grads[0], refs[0]),
+                               ("grad lora_A", grads[1], refs[1]), ("grad lora_B", grads[2], refs[2])):
+            require(tuple(got.shape) == tuple(ref.shape),
+                    f"{via}: {name} has shape {tuple(got.shape)}; expected {tuple(ref.shape)}")
+            err = rel_err(got, ref)
+            require(err <= tol, f"{via}: {name} differs from the dense float64 reference by relative "
+                    f"{err:.3g} > {knob}={tol:g}")
+        for name, buf in layer.named_buffers():
+            require(not buf.requires_grad and buf.grad is None, f"{via}: packed buffer {name} got a gradient")
+
+    @CHUNKED
+    def test_lora_gradcheck_float64(self, bound_quantizer, capabilities, chunked) -> None:
+        if "float64" not in capabilities.dtypes:
+            pytest.skip("Capabilities.dtypes has no float64, which gradcheck needs; "
+                        "test_lora_autograd_matches_dense_reference compares against float64 instead")
+        bq = bound_quantizer
+        layer, _ = self.small_layer(bq, capabilities, torch.float64, chunked)
+        g = torch.Generator().manual_seed(self.seed + 11)
+        x = torch.randn(*self.gradcheck_batch, layer.in_features, generator=g, dtype=torch.float64)
+        inputs = (x.requires_grad_(), layer.lora_A.weight.detach().clone().requires_grad_(),
+                  layer.lora_B.weight.detach().clone().requires_grad_())
+
+        def fn(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return torch.func.functional_call(layer, {"lora_A.weight": a, "lora_B.weight": b}, (x,))
+
+        try:
+            torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-4, fast_mode=self.gradcheck_fast_mode)
+        except Exception as e:  # noqa: BLE001 - GradcheckError and friends become a named failure
+            raise AssertionError(f"{who(bq, self.path(capabilities, chunked))}: torch.autograd.gradcheck of "
+                                 f"ModuLoRALinear (x, lora_A, lora_B) failed in float64: {e}") from e
+
+    @CHUNKED
+    def test_no_dense_weight_saved_for_backward(self, bound_quantizer, capabilities, weight_cases,
+                                                chunked) -> None:
+        bq = bound_quantizer
+        case: WeightCase = max((c for c in weight_cases if c.kind == "gaussian"),
+                               key=lambda c: c.shape[0] * c.shape[1])
+        out_f, in_f = case.shape
+        dt = self.ref_dtype(capabilities)
+        self.dense(bq, case, dt)  # shape-checked: a wrong shape fails here with a message, not in F.linear
+        layer = ModuLoRALinear(case.packed, bq.quantizer, r=self.lora_rank,
+                               chunk_rows=self.chunk_rows if chunked else None, lora_dtype=dt)
+        # a batch smaller than out, so that only a weight-sized tensor can reach out * in elements
+        x = torch.randn(2, 3, in_f, dtype=dt, requires_grad=True)
+        saved: list[tuple[tuple[int, ...], torch.dtype]] = []
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            saved.append((tuple(t.shape), t.dtype))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = layer(x)
+        y.backward(torch.ones_like(y))
+        big = [s for s in saved if torch.Size(s[0]).numel() >= out_f * in_f]
+        require(not big, f"{who(bq, self.path(capabilities, chunked))} through ModuLoRALinear saved "
+                f"{big} for backward, as many elements as the dense [{out_f}, {in_f}] weight: only the packed "
+                "storage may outlive the forward (saved: " + ", ".join(str(s[0]) for s in saved) + ")")
+        require(x.grad is not None and tuple(x.grad.shape) == tuple(x.shape),
+                f"{who(bq, self.path(capabilities, chunked))}: backward gave no gradient for x")
+
+    def test_fast_path_matches_materialize(self, bound_quantizer, capabilities, weight_cases) -> None:
+        if not capabilities.fast_path:
+            pytest.skip("Capabilities.fast_path is False: no matmul/matmul_T to check")
+        bq, q = bound_quantizer, bound_quantizer.quantizer
+        dt = self.ref_dtype(capabilities)
+        g = torch.Generator().manual_seed(self.seed + 13)
+        for case in (c for c in weight_cases if c.kind == "gaussian"):
+            out_f, in_f = case.shape
+            w = q.materialize(case.packed, dtype=dt, device="cpu")  # (out, in)
+            x = torch.randn(2, 3, in_f, generator=g).to(dt)
+            gy = torch.randn(2, 3, out_f, generator=g).to(dt)
+            for method, got, ref in (("matmul", q.matmul(x, case.packed), x @ w.T),
+                                     ("matmul_T", q.matmul_T(gy, case.packed), gy @ w)):
+                require(tuple(got.shape) == tuple(ref.shape), f"{who(bq, method)} returned shape "
+                        f"{tuple(got.shape)}; expected {tuple(ref.shape)} for the {case}")
+                err = rel_err(got, ref)
+                require(err <= self.fast_path_rtol, f"{who(bq, method)} differs from the materialized weight's "
+                        f"product by relative {err:.3g} > fast_path_rtol={self.fast_path_rtol:g} for the {case}")
+
