@@ -40,3 +40,7 @@ class AdapterError(ModuLoRAError):
 
 class CalibrationError(ModuLoRAError, ValueError):
     """Calibration data that is missing or unusable."""
+
+
+class DataError(ModuLoRAError, ValueError):
+    """Training or evaluation data that is missing, empty, malformed, or an unknown task."""

@@ -24,6 +24,8 @@ import torch
 from torch import nn
 
 from .builtin_format import QUANT_INDEX, WEIGHTS_FILE, is_modulora_checkpoint
+from .calibrate import decoder_blocks, quantize_blockwise
+from .calibration_data import Calibration, calibration_tokens, resolve_calibration
 from .errors import (
     CalibrationError,
     CheckpointError,
@@ -31,6 +33,7 @@ from .errors import (
     TargetModulesError,
     UnknownQuantizerError,
 )
+from .export import export_checkpoint
 from .files import read_json, read_safetensors, staged_writes, tensors_digest, write_json
 from .layers import PACKED_PREFIX, ModuLoRALinear
 from .lora_config import LoraConfig
@@ -104,22 +107,11 @@ def matches_target(name: str, target_modules: list[str] | str) -> bool:
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
-def _decoder_blocks(model: nn.Module) -> str | None:
-    # The decoder stack is the ModuleList with the most parameters (model.layers, transformer.h, ...).
-    best, best_n = None, 0
-    for name, m in model.named_modules():
-        if isinstance(m, nn.ModuleList):
-            n = sum(p.numel() for p in m.parameters())
-            if n > best_n:
-                best, best_n = name, n
-    return best
-
-
 def select_targets(model: nn.Module, target_modules: list[str] | str | None) -> list[str]:
     """Names of the ``nn.Linear`` modules to quantize; ``TargetModulesError`` when none match."""
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if target_modules is None:
-        blocks = _decoder_blocks(model)
+        blocks = decoder_blocks(model)
         if blocks is None:
             raise TargetModulesError(
                 f"found no decoder-block ModuleList in {type(model).__name__}; pass "
@@ -194,15 +186,19 @@ def check_no_meta(model: nn.Module, what: str, error: type[Exception] = Checkpoi
 # -- load: quantize a dense model -------------------------------------------------------------------------
 def load(model: PreTrainedModel | str | os.PathLike, quantizer: QuantizerLike | None = None, *,
          lora: LoraConfig | None = None, calibration: Any = None, chunk_rows: int | None = None,
-         torch_dtype: torch.dtype | None = None) -> PreTrainedModel:
+         torch_dtype: torch.dtype | None = None, n_samples: int | None = None,
+         seq_len: int | None = None) -> PreTrainedModel:
     """Quantize the targeted linears of a causal LM with ``quantizer`` and attach LoRA adapters.
 
     ``model``: a transformers causal LM (modified in place and returned) or a path / model id (loaded in
     ``torch_dtype``, float32 by default). With ``quantizer=None`` the model must be in a format a plugin
     recognizes, e.g. a ``save_quantized`` directory. ``lora`` defaults to ``LoraConfig()`` (or, for a
-    saved checkpoint, to the one it records). ``calibration``: ``{module name: X^T X [in, in]}`` for
-    quantizers that need it. Each ``[out, in]`` weight becomes packed buffers plus ``lora_A`` ``[r, in]``
-    and ``lora_B`` ``[out, r]``, the only trainable parameters.
+    saved checkpoint, to the one it records). ``calibration``, for quantizers that need it: token ids
+    (``[n, t]`` tensor or a list of sequences), a text file, a ``datasets`` dataset or a
+    :class:`~modulora_core.calibration_data.Calibration`, cut to ``n_samples`` x ``seq_len`` tokens and run
+    block by block (:mod:`modulora_core.calibrate`); or precomputed ``{module name: X^T X [in, in]}``.
+    Each ``[out, in]`` weight becomes packed buffers plus ``lora_A`` ``[r, in]`` and ``lora_B``
+    ``[out, r]``, the only trainable parameters.
     """
     own_ckpt = isinstance(model, (str, os.PathLike)) and is_modulora_checkpoint(model)
     if quantizer is None or own_ckpt:
@@ -220,7 +216,8 @@ def load(model: PreTrainedModel | str | os.PathLike, quantizer: QuantizerLike | 
     if isinstance(model, nn.Module) and (loader := get_registry().detect_format(model)) is not None:
         return _take_over_as(model, loader, bq, lora=lora, chunk_rows=chunk_rows)
     lora = lora or LoraConfig()
-    hessians = _check_calibration(bq, calibration)
+    cal = resolve_calibration(bq.name, bq.capabilities().needs_calibration, calibration, n_samples, seq_len)
+    source = model if isinstance(model, (str, os.PathLike)) else getattr(model, "name_or_path", None) or None
     if isinstance(model, (str, os.PathLike)):
         from transformers import AutoModelForCausalLM
 
@@ -231,14 +228,18 @@ def load(model: PreTrainedModel | str | os.PathLike, quantizer: QuantizerLike | 
         raise ModuLoRAError("model already has ModuLoRA layers; load the dense model instead, or "
                             "save_quantized this one and load that")
     names = select_targets(model, lora.target_modules)
-    if hessians is not None and (absent := [n for n in names if n not in hessians]):
+    if isinstance(cal, Mapping) and (absent := [n for n in names if n not in cal]):
         raise CalibrationError(f"calibration has no Hessian for {len(absent)} target modules, e.g. "
                                f"{absent[:3]}; give one [in, in] X^T X per module")
 
     tied = tied_aliases(model)
     tied_before = set(tied) | set(tied.values())
-    for name in names:
-        _swap_in(model, name, bq, lora, chunk_rows, None if hessians is None else hessians[name])
+    if isinstance(cal, Calibration):  # Hessians from data, one decoder block at a time
+        quantize_blockwise(model, names, calibration_tokens(cal, source),
+                           lambda n, h: _swap_in(model, n, bq, lora, chunk_rows, h), cal, desc=bq.name)
+    else:
+        for name in names:
+            _swap_in(model, name, bq, lora, chunk_rows, None if cal is None else cal[name])
     if any(f"{n}.weight" in tied_before for n in names) and hasattr(model.config, "tie_word_embeddings"):
         # a quantized lm_head no longer shares the embedding's storage: stop transformers retying them
         model.config.tie_word_embeddings = False
@@ -263,24 +264,6 @@ def _take_over_as(model: nn.Module, loader: Any, bq: BoundQuantizer, **kw: Any) 
 
 def _describe(model: Any) -> str:
     return repr(str(model)) if isinstance(model, (str, os.PathLike)) else f"a {type(model).__name__} instance"
-
-
-def _check_calibration(bq: BoundQuantizer, calibration: Any) -> Mapping[str, torch.Tensor] | None:
-    if not bq.capabilities().needs_calibration:
-        if calibration is not None:
-            warnings.warn(f"quantizer {bq.name!r} needs no calibration; the calibration data is ignored",
-                          stacklevel=3)
-        return None
-    if calibration is None:
-        raise CalibrationError(
-            f"quantizer {bq.name!r} needs calibration data (input Hessians); pass calibration=... to "
-            f"modulora.load, or pick a quantizer that needs none (e.g. an 'rtn-*' preset)"
-        )
-    if not isinstance(calibration, Mapping):
-        raise CalibrationError(
-            "calibration from data batches is not available yet; pass {module name: X^T X [in, in] tensor}"
-        )
-    return calibration
 
 
 def _swap_in(model: nn.Module, name: str, bq: BoundQuantizer, lora: LoraConfig, chunk_rows: int | None,
@@ -325,15 +308,19 @@ def _freeze_base(model: nn.Module) -> None:
 
 
 # -- save_quantized / load_quantized -----------------------------------------------------------------------
-def save_quantized(model: PreTrainedModel, directory: str | os.PathLike, *, tokenizer: Any = None) -> Path:
+def save_quantized(model: PreTrainedModel, directory: str | os.PathLike, *, tokenizer: Any = None,
+                   format: str = "modulora") -> Path:
     """Write the quantized base (packed tensors + every non-LoRA tensor) with the HF config to ``directory``.
 
     Files: ``config.json``, ``modulora_model.safetensors`` and the index ``modulora_quant.json``. LoRA
     weights are not included (``save_adapter`` writes them). Each file is written to a staging name first.
+    ``format`` other than ``"modulora"`` (e.g. ``"gptq"``) is written by the layers' plugin, if it offers it.
     """
     layers = dict(iter_modulora_layers(model))
     if not layers:
         raise CheckpointError("model has no ModuLoRA layers; quantize it first (modulora.load(model, name))")
+    if format != "modulora":
+        return export_checkpoint(model, layers, directory, format, tokenizer=tokenizer)
     lora_keys = {f"{n}.lora_{ab}.weight" for n in layers for ab in "AB"}
     tied = tied_aliases(model)
     tensors = {k: t.detach().contiguous().cpu() for k, t in model.state_dict().items()

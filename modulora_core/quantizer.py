@@ -8,6 +8,7 @@ into dense weights on demand, whole or by blocks of rows. The core never looks i
 from __future__ import annotations
 
 import json
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -203,6 +204,38 @@ class Quantizer(ABC):
     def matmul_T(self, grad_y: torch.Tensor, packed: PackedWeight) -> torch.Tensor:
         """Fast path ``grad_y @ W``: ``[..., out] -> [..., in]``, without a dense W."""
         raise NotImplementedError(f"quantizer {self.name!r} has no fast path (matmul_T)")
+
+    def packed_nbytes(self, shape: tuple[int, int], config: QuantizerConfig) -> int:
+        """Exact bytes of the packed storage of an ``(out, in)`` weight, without the weight (memory planner).
+
+        The default runs :meth:`quantize` + :meth:`pack` on the meta device: only shapes are computed, and a
+        storage whose size depended on the values could not run there (``.item()``, ``nonzero`` raise on
+        meta), so a result is exact. If the plugin cannot run on meta, it quantizes a random weight of the
+        true shape instead: exact too, but as slow as a real quantization. Override it with a formula when
+        the layout has one.
+        """
+        out_f, in_f = int(shape[0]), int(shape[1])
+        caps = self.capabilities(config)
+        if out_f < 1 or in_f < 1 or in_f % caps.in_multiple or out_f % caps.out_multiple:
+            raise InvalidWeightError(
+                f"{self.name}: cannot store a ({out_f}, {in_f}) weight with this config: out must be a positive "
+                f"multiple of {caps.out_multiple} and in of {caps.in_multiple}")
+        hessian = None
+        try:
+            w = torch.empty(out_f, in_f, device="meta")
+            if caps.needs_calibration:
+                hessian = torch.empty(in_f, in_f, device="meta")
+            return self.pack(self.quantize(w, config, hessian)).nbytes()
+        except Exception:  # noqa: BLE001 - any op without a meta kernel: measure on a real weight instead
+            pass
+        if out_f * in_f > 50_000_000:
+            warnings.warn(f"quantizer {self.name!r} defines no packed_nbytes and cannot run on the meta device: "
+                          f"quantizing a random {out_f}x{in_f} weight to learn its storage size (slow)",
+                          stacklevel=2)
+        gen = torch.Generator().manual_seed(0)
+        w = torch.randn(out_f, in_f, generator=gen)
+        hessian = torch.eye(in_f) if caps.needs_calibration else None
+        return self.quantize_weight(w, config, hessian).nbytes()
 
     def unpack(self, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> PackedWeight:
         """Rebuild a :class:`PackedWeight` from saved tensors + :meth:`PackedWeight.metadata`."""

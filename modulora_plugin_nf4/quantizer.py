@@ -166,6 +166,14 @@ class NF4Quantizer(Quantizer):
             tensors["absmax"] = state["absmax"].contiguous()
         return PackedWeight(self.name, cfg, state["shape"], state["dtype"], tensors, self.format_version)
 
+    def packed_nbytes(self, shape: tuple[int, int], config: NF4Config) -> int:
+        """Exact storage bytes of an ``(out, in)`` weight quantized here (the tensors of :func:`check_tensors`;
+        a bitsandbytes take-over may add a 1 KiB ``absmax_code``)."""
+        n = int(shape[0]) * int(shape[1])
+        b = num_blocks(n, config.blocksize)
+        scales = b + 4 * num_blocks(b, NESTED_BLOCKSIZE) + 4 if config.double_quant else 4 * b
+        return (n + 1) // 2 + scales
+
     def unpack(self, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> PackedWeight:
         packed = super().unpack(tensors, metadata)
         if packed.format_version != self.format_version:

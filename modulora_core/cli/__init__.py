@@ -12,16 +12,40 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+# Command modules, each with ``register(app)``, in the order `modulora --help` lists them. Imported lazily
+# (in _register) so `modulora --help` stays fast. To add a group, add its module name here.
+COMMANDS = ("finetune", "quantize", "evaluate", "generate", "merge")
+# Optional groups that other work adds; listed here so the place is clear, skipped while absent:
+#   plan — the memory planner (modulora_core/cli/plan.py, `register(app)`).
+OPTIONAL_COMMANDS = ("plan",)
+
+
+_registered = False
+
 
 def _register() -> None:
-    # imported here so `modulora --help` stays fast and each group lives in its own module
-    from . import finetune, plugins
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    import importlib
+
+    from . import plugins
 
     app.add_typer(plugins.app, name="plugins")
-    finetune.register(app)
+    for name in COMMANDS:
+        importlib.import_module(f"{__name__}.{name}").register(app)
+    for name in OPTIONAL_COMMANDS:
+        try:
+            mod = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
+            continue
+        mod.register(app)
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point (also ``python -m modulora``)."""
     _register()
     app()

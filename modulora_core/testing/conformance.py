@@ -253,6 +253,15 @@ class QuantizerConformance(AutogradChecks):
         require(not bad, f"{who(bound_quantizer, 'pack')}: storage bits per weight (all packed tensors) above "
                 f"the declared Capabilities.max_bits_per_weight = {budget:g}: " + "; ".join(bad))
 
+    def test_packed_nbytes_matches_pack(self, bound_quantizer, weight_cases) -> None:
+        # the memory planner sizes models by packed_nbytes alone: it must be exact, not an estimate
+        bq = bound_quantizer
+        sizes = {c.shape: c.packed.nbytes() for c in weight_cases}
+        bad = [f"{s[0]}x{s[1]}: {got} (pack stored {n})" for s, n in sizes.items()
+               if (got := bq.quantizer.packed_nbytes(s, bq.config)) != n]
+        require(not bad, f"{who(bq, 'packed_nbytes')}: bytes predicted for a weight differ from the packed "
+                f"tensors' (the memory planner relies on it being exact): " + "; ".join(bad))
+
     # -- config ------------------------------------------------------------------------------------------
     def test_config_json_round_trip(self, bound_quantizer, weight_cases) -> None:
         bq, cfg, cls = bound_quantizer, bound_quantizer.config, type(bound_quantizer.quantizer).config_class

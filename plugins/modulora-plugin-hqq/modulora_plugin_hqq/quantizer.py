@@ -132,6 +132,21 @@ class HQQQuantizer(Quantizer):
                 f"hqq: out_features={out_f} must be a multiple of {k} for {config.bits}-bit: hqq packs {k} "
                 "codes per byte across rows; pad the layer or leave it unquantized")
 
+    def packed_nbytes(self, shape: tuple[int, int], config: HQQConfig) -> int:
+        """Exact storage bytes of an ``(out, in)`` weight, from hqq's layout: the code matrix is ``[N, g]``
+        (axis 1) or ``[g, N]`` (axis 0) for N = out * in / g groups, bit-packed along its dim 0; a scale
+        and a zero point per group in ``meta_dtype``."""
+        out_f, in_f = int(shape[0]), int(shape[1])
+        self.check_shape((out_f, in_f), config)
+        g = config.effective_group_size((out_f, in_f))
+        n_groups = out_f * in_f // g
+        rows, cols = (n_groups, g) if config.axis == 1 else (g, n_groups)
+        k = CODES_PER_WORD[config.bits]
+        # 3-bit: 10 codes per int32 word, rows padded up; the others: k codes per uint8, rows divide evenly
+        code_bytes = -(-rows // k) * cols * 4 if config.bits == 3 else rows // k * cols
+        meta_bytes = 2 if config.meta_dtype == "float16" else 4
+        return code_bytes + 2 * n_groups * meta_bytes
+
     def quantize_weight(self, weight: torch.Tensor, config: HQQConfig,
                         hessian: torch.Tensor | None = None) -> PackedWeight:
         """Validate and quantize; a shape hqq cannot group or pack gets a message naming group size/bits."""

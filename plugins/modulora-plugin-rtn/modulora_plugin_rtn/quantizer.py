@@ -15,7 +15,7 @@ from pydantic import Field, field_validator
 
 from modulora_core import Capabilities, PackedWeight, Quantizer, QuantizerConfig
 
-from .bitpack import pack_codes, unpack_codes
+from .bitpack import pack_codes, packed_cols, unpack_codes
 
 # Declared ||W - Q(W)||_F / ||W||_F bounds for Gaussian weights at group size 64 (measured about 0.75x
 # of these; see tests), keyed by bits. Whole-row groups get a looser bound.
@@ -90,6 +90,13 @@ class RTNQuantizer(Quantizer):
         if not cfg.symmetric:
             tensors["zeros"] = state["zeros"].contiguous()
         return PackedWeight(self.name, cfg, state["shape"], state["dtype"], tensors, self.format_version)
+
+    def packed_nbytes(self, shape: tuple[int, int], config: RTNConfig) -> int:
+        """Exact storage bytes of an ``(out, in)`` weight: the layout in the module docstring."""
+        out_f, in_f = int(shape[0]), int(shape[1])
+        groups = -(-in_f // config.group_size) if config.group_size > 0 else 1
+        per_group = 2 + (0 if config.symmetric else 1)  # fp16 scale (+ uint8 zero)
+        return out_f * (packed_cols(in_f, config.bits) + groups * per_group)
 
     def materialize(self, packed: PackedWeight, *, dtype: torch.dtype, device=None,
                     rows: slice | None = None) -> torch.Tensor:

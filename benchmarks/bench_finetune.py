@@ -1,0 +1,171 @@
+"""Finetuning on ``docsum`` with SmolLM2-135M: dense LoRA against ModuLoRA quantizers and PEFT + bitsandbytes
+QLoRA, same data, seeds and steps; validation loss and ROUGE-L before and after, time per step, peak memory.
+
+Every configuration runs in its own subprocess (peak RSS = the kernel's VmHWM of that process, so one
+configuration's memory never shows in another's). Dense LoRA and QLoRA use stock PEFT on the float32 model;
+ModuLoRA configurations use ``modulora.load`` (+ calibration on the docsum training text where needed) and
+:class:`~modulora_core.train.ModuLoRATrainer`. All: LoRA r=8, alpha=16 on every decoder-block linear,
+AdamW lr 1e-3, cosine schedule, batch 4, the same seed and data order.
+
+    python -m benchmarks.bench_finetune            # 80 steps, 64 validation examples
+    python -m benchmarks.bench_finetune --quick    # 20 steps, 16 validation examples
+    python -m benchmarks.bench_finetune --configs dense,nf4   # a subset (names below)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CONFIGS = ["dense", "quip#-2bit", "quip#-3bit", "quip#-4bit", "optq-3bit", "optq-4bit", "nf4", "qlora-bnb-nf4"]
+LABELS = {"dense": "dense LoRA (float32)", "qlora-bnb-nf4": "PEFT + bitsandbytes QLoRA NF4"}
+R, ALPHA = 8, 16.0
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _peak_rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _peft_model(path: str, qlora: bool):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kw = {}
+    if qlora:
+        kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                       bnb_4bit_use_double_quant=True,
+                                                       bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw)
+    torch.manual_seed(0)
+    return get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS, lora_dropout=0.0,
+                                            task_type="CAUSAL_LM"))
+
+
+def run_one(config: str, steps: int, n_eval: int, n_cal: int, cal_len: int) -> dict:
+    """One configuration, in this process: quantize, score, train ``steps`` steps, score again."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
+
+    import modulora
+    from modulora_core.cli.common import quantize
+    from modulora_core.encoding import EncodedDataset, PadCollator, pad_id
+    from modulora_core.evaluate import evaluate_examples
+    from modulora_core.pretrained import smollm2_dir
+    from modulora_core.tasks import docsum
+    from modulora_core.train import ModuLoRATrainer, TrainConfig, loss_history, training_arguments
+
+    torch.manual_seed(0)
+    path = str(smollm2_dir())
+    tok = AutoTokenizer.from_pretrained(path)
+    task = docsum()
+    val = task.examples("validation")[:n_eval]
+    t0 = time.perf_counter()
+    if config in ("dense", "qlora-bnb-nf4"):
+        model, trainer_cls = _peft_model(path, qlora=config != "dense"), Trainer
+    else:
+        dense = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        texts = [f"{e.prompt}\n{e.completion}" for e in task.examples("train")]
+        model = quantize(dense, config, lora=modulora.LoraConfig(r=R, alpha=ALPHA), chunk_rows=None,
+                         calibration_texts=texts, tokenizer=tok, calibration_samples=n_cal, seq_len=cal_len)
+        trainer_cls = ModuLoRATrainer
+        torch.manual_seed(0)
+        for _, layer in modulora.iter_modulora_layers(model):
+            layer.reset_lora_parameters()
+    quantize_s = time.perf_counter() - t0
+    score = lambda: evaluate_examples(model, tok, task, val, max_length=192, batch_size=8,  # noqa: E731
+                                      merged=trainer_cls is ModuLoRATrainer)
+    before = score()
+    cfg = TrainConfig(max_steps=steps, batch_size=4, logging_steps=1, learning_rate=1e-3, seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        args = training_arguments(cfg, tmp, progress=False, checkpoints=False)
+        train_ds = EncodedDataset(tok, task.examples("train"), cfg.max_length)
+        trainer = trainer_cls(model=model, args=args, train_dataset=train_ds, data_collator=PadCollator(pad_id(tok)))
+        t1 = time.perf_counter()
+        trainer.train()
+        train_s = time.perf_counter() - t1
+    after = score()
+    return {"config": config, "quantize_s": quantize_s, "s_per_step": train_s / steps,
+            "peak_rss_mib": _peak_rss_mib(), "loss_before": before["loss"], "loss_after": after["loss"],
+            "rougeL_before": before["rougeL"], "rougeL_after": after["rougeL"],
+            "train_loss": loss_history(trainer)}
+
+
+def _table(rows: list[dict], steps: int) -> str:
+    by = {r["config"]: r for r in rows}
+    dense = by.get("dense")
+    lines = ["| configuration | val loss before | val loss after | vs dense LoRA | ROUGE-L before | ROUGE-L after "
+             "| s / step | peak RSS MiB | quantize s |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {LABELS.get(r['config'], 'ModuLoRA ' + r['config'])} | failed: {r['error']} |||||||| ")
+            continue
+        rel = f"{100 * (r['loss_after'] / dense['loss_after'] - 1):+.1f}%" if dense and "loss_after" in dense else "-"
+        lines.append(f"| {LABELS.get(r['config'], 'ModuLoRA ' + r['config'])} | {r['loss_before']:.3f} | "
+                     f"{r['loss_after']:.3f} | {rel} | {r['rougeL_before']:.1f} | {r['rougeL_after']:.1f} | "
+                     f"{r['s_per_step']:.2f} | {r['peak_rss_mib']:.0f} | {r['quantize_s']:.0f} |")
+    notes = []
+    if dense and "loss_after" in dense:
+        for r in rows:
+            if r.get("config", "").endswith("2bit") and "loss_after" in r:
+                gap = r["loss_before"] - dense["loss_before"]
+                closed = (r["loss_before"] - r["loss_after"]) / gap if gap > 0 else float("nan")
+                notes.append(f"{r['config']}: quantization raised the validation loss by {gap:.3f} over dense; "
+                             f"{steps} steps of finetuning took back {r['loss_before'] - r['loss_after']:.3f} "
+                             f"({100 * closed:.0f}% of that gap).")
+    return "\n".join(lines) + ("\n\n" + "\n".join(f"- {n}" for n in notes) if notes else "")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="20 steps, 16 validation examples")
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ",".join(CONFIGS))
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--no-write", action="store_true", help="print the table, leave docs/benchmarks.md alone")
+    a = ap.parse_args()
+    steps, n_eval, n_cal, cal_len = (20, 16, 16, 256) if a.quick else (80, 64, 64, 512)
+    if a.one:
+        print(json.dumps(run_one(a.one, steps, n_eval, n_cal, cal_len)))
+        return
+    rows: list[dict] = []
+    for c in a.configs.split(","):  # the report is rewritten after each configuration: partial runs count
+        cmd = [sys.executable, "-m", "benchmarks.bench_finetune", "--one", c] + (["--quick"] if a.quick else [])
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode != 0:
+            err = (p.stderr.strip().splitlines() or ["?"])[-1][:120]
+            rows.append({"config": c, "error": err})
+        else:
+            rows.append(json.loads(p.stdout.strip().splitlines()[-1]))
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "train_loss"}), file=sys.stderr, flush=True)
+        _report(rows, a, steps, n_eval, n_cal, cal_len)
+
+
+def _report(rows: list[dict], a: argparse.Namespace, steps: int, n_eval: int, n_cal: int, cal_len: int) -> None:
+    body = (f"SmolLM2-135M-Instruct (real weights), task docsum: {steps} steps of batch 4, LoRA r={R} alpha={ALPHA:g} "
+            f"on every decoder-block linear, AdamW lr 1e-3 cosine, seed 0, same data order for all. Validation "
+            f"loss (per answer token) and ROUGE-L (greedy, x100) on the first {n_eval} validation examples, "
+            f"before and after finetuning. Calibration (quip#, optq): {n_cal} x {cal_len} tokens of the "
+            f"docsum training text. s / step: training only. Peak RSS: the whole process (model, quantization, "
+            f"training, evaluation), each configuration in its own process.\n\n" + _table(rows, steps))
+    print(body)
+    if not a.no_write:
+        from benchmarks.report import write_section
+
+        cmd = "python -m benchmarks.bench_finetune" + (" --quick" if a.quick else "")
+        if a.configs != ",".join(CONFIGS):
+            cmd += f" --configs {a.configs}"
+        write_section("finetune", "Finetuning on docsum: dense LoRA, ModuLoRA, QLoRA", cmd, body)
+
+if __name__ == "__main__":
+    main()

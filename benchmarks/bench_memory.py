@@ -1,0 +1,362 @@
+"""Predicted vs. measured peak memory of one LoRA training step, and the planner next to the paper.
+
+Each configuration runs in its own subprocess: build the model (random Llamas are built on the meta device
+and quantized one layer at a time, so the dense model never exists), one warm-up step (forward, backward,
+AdamW step: the optimizer states exist from then on), then one step measured. Measured: the process's peak
+RSS during that step (VmHWM, reset just before it through /proc/self/clear_refs), glibc told to return
+freed blocks at once (as in bench_layer). Also reported: the peak bytes of live tensors during a step
+(``modulora_core.memtrace``), which leaves out the runtime and the allocator. Predicted:
+``modulora.plan(...)`` with the CPU runtime allowance.
+
+    python -m benchmarks.bench_memory               # all configurations (about 30 minutes on 2 cores)
+    python -m benchmarks.bench_memory --quick       # three configurations, no tensor counting
+    python -m benchmarks.bench_memory --calibrate   # measure the CPU runtime allowance (tiny model)
+    python -m benchmarks.bench_memory --paper       # only the planner's LLaMA table next to the paper's
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+import torch
+
+MiB = 1 << 20
+GiB = 1 << 30
+# Random-initialised Llama shapes (LlamaConfig kwargs). ~0.47B with multi-head attention, ~1.49B with
+# grouped-query attention (4 KV heads).
+RANDOM_MODELS: dict[str, dict[str, Any]] = {
+    "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 4, "vocab_size": 256},
+    "llama-0.5b": {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 32,
+                   "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": 32000},
+    "llama-1.5b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 30,
+                   "num_attention_heads": 16, "num_key_value_heads": 4, "vocab_size": 32000},
+}
+# (model, quantizer, batch, seq, gradient checkpointing, chunk_rows)
+FULL = [(m, q, b, 256, False, None) for m, b in (("smollm2-135m", 4), ("llama-0.5b", 2))
+        for q in ("rtn-2bit", "rtn-3bit", "rtn-4bit", "dense")]
+FULL += [("llama-0.5b", "rtn-4bit", 2, 256, True, None), ("llama-0.5b", "rtn-4bit", 2, 256, False, 256)]
+FULL += [("llama-1.5b", q, 2, 256, False, None) for q in ("rtn-2bit", "rtn-3bit", "rtn-4bit", "dense")]
+QUICK = [FULL[0], FULL[3], FULL[6]]  # SmolLM2 rtn-2bit and dense, 0.5B rtn-4bit; without counting tensors
+# The scale demonstration: a 7B Llama with random weights, built on meta and quantized layer by layer (its
+# float32 dense form, 25 GiB, would not fit this 23 GiB machine), at the paper's batch and sequence length
+SCALE = [("llama-7b", "rtn-2bit", 1, 128, False, None)]
+# ModuLoRA paper (TMLR 2024), peak GPU memory in GB, LLaMA, MNLI-m, batch 1, sequence 128 (../shared/FACTS.md)
+PAPER = {"llama-7b": (3.2, 5.2, 38.4), "llama-13b": (5.4, 8.6, 73.9), "llama-30b": (11.4, 19.5, 183.3),
+         "llama-65b": (21.8, 36.7, 360.4)}
+
+
+def model_config(name: str) -> Any:
+    """The config of a random model, or of a built-in / local model (``plan_shapes.model_config``)."""
+    from transformers import LlamaConfig
+
+    from modulora_core.plan_shapes import model_config as mc
+
+    if name in RANDOM_MODELS:
+        return LlamaConfig(**RANDOM_MODELS[name], tie_word_embeddings=False, architectures=["LlamaForCausalLM"])
+    return mc(name)
+
+
+def random_quantized_llama(config: Any, quantizer: str, lora: Any, chunk_rows: int | None, seed: int = 0) -> Any:
+    """A Llama with random weights whose targeted linears are quantized as each is generated: built on the
+    meta device, one weight materialized at a time, so peak memory is one dense layer plus the result."""
+    import modulora
+    from modulora_core.model import ModuLoRAInfo, build_empty, finalize_model, replace_linear, select_targets
+
+    gen = torch.Generator().manual_seed(seed)
+    model = build_empty(config)
+    bq = modulora.get_quantizer(quantizer)
+    for name in select_targets(model, lora.target_modules):
+        lin = model.get_submodule(name)
+        w = torch.randn(lin.out_features, lin.in_features, generator=gen) * config.initializer_range
+        replace_linear(model, name, bq.quantize(w), bq.quantizer, lora=lora, chunk_rows=chunk_rows,
+                       quantizer_name=bq.name, plugin_version=bq.version)
+        del w
+    _fill_meta(model, config, gen)
+    names = [n for n, _ in modulora.iter_modulora_layers(model)]
+    return finalize_model(model, ModuLoRAInfo.from_bound(bq, lora=lora, chunk_rows=chunk_rows, modules=names))
+
+
+def _fill_meta(model: Any, config: Any, gen: torch.Generator) -> None:
+    """Give every parameter still on meta real values: norms 1, the rest N(0, initializer_range)."""
+    for mod_name, mod in model.named_modules():
+        for pname, p in list(mod.named_parameters(recurse=False)):
+            if p.is_meta:
+                real = (torch.ones(p.shape) if "norm" in f"{mod_name}.{pname}" else
+                        torch.randn(p.shape, generator=gen) * config.initializer_range)
+                setattr(mod, pname, torch.nn.Parameter(real, requires_grad=False))
+
+
+def build(model_name: str, quantizer: str, chunk_rows: int | None, r: int) -> Any:
+    """The model of one configuration, LoRA attached, ready to train."""
+    import modulora
+
+    lora = modulora.LoraConfig(r=r, alpha=2 * r)
+    if model_name == "smollm2-135m":
+        from transformers import AutoModelForCausalLM
+
+        from modulora_core.pretrained import smollm2_dir
+
+        dense = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32)
+        if quantizer != "dense":
+            return _unpin_checkpoint(modulora.load(dense, quantizer, lora=lora, chunk_rows=chunk_rows))
+    else:
+        config = model_config(model_name)
+        if quantizer != "dense":
+            return random_quantized_llama(config, quantizer, lora, chunk_rows)
+        from modulora_core.model import build_empty
+
+        dense = build_empty(config)
+        _fill_meta(dense, config, torch.Generator().manual_seed(0))
+    from peft import LoraConfig, get_peft_model
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    return get_peft_model(dense, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, lora_dropout=0.0))
+
+
+def _unpin_checkpoint(model: Any) -> Any:
+    """Copy the tensors left dense after quantization out of the checkpoint's file mapping.
+
+    from_pretrained's tensors are views of one mmap of the safetensors file, which stays mapped while any
+    of them lives: the embeddings alone would keep every page read during quantization resident (the whole
+    540 MB file, as file-backed RSS). A copy of the embeddings and norms lets the mapping go.
+    """
+    for p in model.parameters():
+        if not p.requires_grad:
+            p.data = p.data.clone()
+    gc.collect()
+    return model
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def child(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run in the subprocess: build, warm up, count tensors in one step, measure RSS in another."""
+    from modulora_core.memtrace import PeakTracker
+
+    t0 = time.perf_counter()
+    model = build(spec["model"], spec["quantizer"], spec["chunk_rows"], spec["r"])
+    if spec["checkpointing"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    vocab = model.config.vocab_size
+    ids = torch.randint(vocab, (spec["batch"], spec["seq"]), generator=torch.Generator().manual_seed(0))
+
+    def step() -> None:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    build_s = time.perf_counter() - t0
+    step()  # warm-up: optimizer states, thread pools, allocator arenas
+    tensor_peak = None
+    existing = [*model.parameters(), *model.buffers(), *(s for p in params for s in opt.state[p].values())]
+    held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in existing}
+    if spec["tensors"]:
+        with PeakTracker() as pt:
+            pt.note_existing(*existing)
+            step()
+        tensor_peak = sum(held.values()) + pt.peak
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    before, file_before = _status_bytes("VmRSS"), _status_bytes("RssFile")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the high-water mark to the current RSS
+    t1 = time.perf_counter()
+    step()
+    return {"hwm": _status_bytes("VmHWM"), "rss_before": before, "tensor_peak": tensor_peak,
+            "held": sum(held.values()), "rss_file_before": file_before,
+            "step_s": round(time.perf_counter() - t1, 1), "build_s": round(build_s, 1)}
+
+
+def measure(spec: dict[str, Any], cache: str | None = None) -> dict[str, Any]:
+    """Run :func:`child` in a fresh interpreter and return what it printed; with ``cache`` (a JSON file),
+    reuse an earlier measurement of the same configuration."""
+    key = json.dumps(spec, sort_keys=True)
+    store = json.loads(open(cache).read()) if cache and os.path.exists(cache) else {}
+    if key in store:
+        return store[key]
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    out = subprocess.run([sys.executable, "-m", "benchmarks.bench_memory", "--child", json.dumps(spec)],
+                         check=True, capture_output=True, text=True, env=env).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    if cache:
+        store = json.loads(open(cache).read()) if os.path.exists(cache) else {}
+        store[key] = result
+        with open(cache, "w") as f:
+            json.dump(store, f, indent=1)
+    return result
+
+
+def predict(spec: dict[str, Any], runtime_bytes: int | None = None) -> Any:
+    import modulora
+    from modulora_core.plan import plan
+
+    return plan(model_config(spec["model"]), spec["quantizer"], batch_size=spec["batch"], seq_len=spec["seq"],
+                lora=modulora.LoraConfig(r=spec["r"], alpha=2 * spec["r"]), dtype="float32",
+                gradient_checkpointing=spec["checkpointing"], chunk_rows=spec["chunk_rows"], device="cpu",
+                runtime_bytes=runtime_bytes)
+
+
+def spec_of(row: tuple, tensors: bool) -> dict[str, Any]:
+    model, quantizer, batch, seq, ckpt, chunk = row
+    return {"model": model, "quantizer": quantizer, "batch": batch, "seq": seq, "checkpointing": ckpt,
+            "chunk_rows": chunk, "r": 8, "tensors": tensors}
+
+
+def calibrate(repeats: int = 3) -> dict[str, int]:
+    """Runtime allowance per kind of process: the peak RSS of a tiny model's step minus its predicted
+    tensors (median of ``repeats`` runs): a modulora process, and a plain-PEFT one (``dense``)."""
+    out = {}
+    for q in ("rtn-4bit", "dense"):
+        spec = spec_of(("tiny", q, 1, 32, False, None), tensors=False)
+        predicted = predict(spec, runtime_bytes=0).total
+        vals = [measure(spec)["hwm"] - predicted for _ in range(repeats)]
+        print(f"{q}: runtime samples (MiB) {[round(v / MiB, 1) for v in vals]}")
+        out[q] = int(statistics.median(vals))
+    return out
+
+
+def validation_table(rows: list[tuple], tensors: bool, cache: str | None = None) -> str:
+    lines = ["| model | quantizer | batch × seq | options | predicted GiB | measured peak RSS GiB | error "
+             "| tensors: predicted | tensors: measured | error | step s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        spec = spec_of(row, tensors and row[0] != "llama-1.5b")  # counting tensors there: too slow
+        p = predict(spec)
+        m = measure(spec, cache)
+        runtime = p.component("runtime").nbytes
+        err = 100 * (p.total - m["hwm"]) / m["hwm"]
+        opts = ", ".join(x for x in ("checkpointing" if spec["checkpointing"] else "",
+                                     f"chunk_rows={spec['chunk_rows']}" if spec["chunk_rows"] else "") if x) or "—"
+        if m["tensor_peak"]:
+            tp, tm = p.total - runtime, m["tensor_peak"]
+            tcols = f"{tp / GiB:.3f} | {tm / GiB:.3f} | {100 * (tp - tm) / tm:+.1f}%"
+        else:
+            tcols = "— | — | —"
+        line = (f"| {spec['model']} | {spec['quantizer']} | {spec['batch']} × {spec['seq']} | {opts} | "
+                f"{p.total / GiB:.3f} | {m['hwm'] / GiB:.3f} | {err:+.1f}% | {tcols} | {m['step_s']} |")
+        print(line, flush=True)
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def paper_table() -> str:
+    """The planner's LLaMA rows at the paper's setting, next to the paper's figures."""
+    import modulora
+    from modulora_core.plan import plan
+    from modulora_core.quantizer import Quantizer
+
+    # QuIP# (the paper's 2-bit) only if its plugin gives packed sizes by formula: the protocol's default
+    # would quantize every 65B-sized weight for real
+    quip = "quip#-2bit" in modulora.available_quantizers() and type(
+        modulora.get_quantizer("quip#-2bit").quantizer).packed_nbytes is not Quantizer.packed_nbytes
+    two_bit = "quip#-2bit" if quip else "rtn-2bit"
+    cols = [(two_bit, "float16"), ("rtn-3bit", "float16"), ("rtn-4bit", "float16"), ("nf4", "float16"),
+            ("dense", "float16"), ("dense", "float32")]
+    head = ("| model | " + " | ".join(f"{q}{' fp32' if d == 'float32' else ''}" for q, d in cols)
+            + " | paper 2-bit | paper QLoRA 4-bit | paper fp LoRA |")
+    lines = [head, "|" + "---|" * (len(cols) + 4)]
+    for name in ("llama-7b", "llama-13b", "llama-30b", "llama-65b", "llama-2-70b"):
+        preds = [plan(name, q, batch_size=1, seq_len=128, dtype=d, device="cuda").total / GiB for q, d in cols]
+        paper = PAPER.get(name, ("—", "—", "—"))
+        lines.append(f"| {name} | " + " | ".join(f"{v:.1f}" for v in preds) + " | "
+                     + " | ".join(str(v) for v in paper) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--calibrate", action="store_true")
+    ap.add_argument("--paper", action="store_true", help="only the planner table next to the paper's")
+    ap.add_argument("--scale", action="store_true", help="only the 7B scale demonstration")
+    ap.add_argument("--no-tensors", action="store_true", help="skip the tensor-counting step (faster)")
+    ap.add_argument("--no-write", action="store_true", help="print only; do not update docs/benchmarks.md")
+    ap.add_argument("--cache", default=None, help="JSON file of measurements to reuse and extend")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        print(json.dumps(child(json.loads(a.child))))
+        return
+    if a.calibrate:
+        cal = calibrate()
+        print(f"CPU runtime allowance: modulora {cal['rtn-4bit'] / MiB:.0f} MiB, plain PEFT "
+              f"{cal['dense'] / MiB:.0f} MiB (RUNTIME_ALLOWANCE / DENSE_RUNTIME_EXTRA in modulora_core/plan.py)")
+        return
+    from benchmarks.report import write_section
+
+    if a.scale:
+        body = validation_table(SCALE, tensors=False, cache=a.cache) + scale_notes()
+        if not a.no_write:
+            write_section("memory-scale", "Memory: a 7B model finetuned on a 23 GiB CPU machine",
+                          "python -m benchmarks.bench_memory --scale", SCALE_INTRO + body)
+        return
+    if not a.paper:
+        body = validation_table(QUICK if a.quick else FULL, tensors=not (a.no_tensors or a.quick), cache=a.cache)
+        if not a.no_write:
+            cmd = "python -m benchmarks.bench_memory" + (" --quick" if a.quick else "")
+            write_section("memory" + ("-quick" if a.quick else ""), "Memory: predicted vs. measured peak of "
+                          "one training step", cmd, VALIDATION_INTRO + body)
+    paper = paper_table()
+    print(paper)
+    if not a.no_write:
+        write_section("memory-paper", "Memory planner: LLaMA at the paper's setting", "python -m "
+                      "benchmarks.bench_memory --paper", PAPER_INTRO + paper + PAPER_NOTES)
+
+
+def scale_notes() -> str:
+    """The planner's verdict for the same step with float32 dense weights, for contrast."""
+    spec = spec_of(SCALE[0], tensors=False)
+    dense = predict({**spec, "quantizer": "dense"})
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return (f"\nThe same step as plain LoRA on the float32 dense model: {dense.total / GiB:.1f} GiB predicted, "
+            f"against {total / GiB:.1f} GiB of RAM here.\n")
+
+
+SCALE_INTRO = (
+    "A LLaMA-7B-shaped model (random weights) built on the meta device; each decoder linear is generated, "
+    "quantized to rtn-2bit and dropped before the next, so the 25 GiB dense float32 model never exists. "
+    "Then a warm-up step and one measured training step (float32, LoRA r=8 on every decoder linear, AdamW), "
+    "peak RSS as in the validation table. `step s` is the measured step's wall time on 2 shared cores.\n\n")
+VALIDATION_INTRO = (
+    "One training step (forward, backward, AdamW step) after one warm-up step, float32, LoRA r=8 on every "
+    "decoder linear, each configuration in its own process. Predicted: `modulora.plan(...)` with the CPU "
+    "runtime allowance. Measured: the process's peak RSS during the step (VmHWM reset just before it; "
+    "glibc returns freed blocks at once). Tensors: the same prediction without the runtime allowance, "
+    "against the peak bytes of live tensors in a step (`modulora_core.memtrace`). SmolLM2-135M has its real "
+    "weights; llama-0.5b (hidden 1024, 32 layers, 16 heads) and llama-1.5b (hidden 2048, 30 layers, 16 "
+    "heads, 4 KV heads) are random, built on meta and quantized one layer at a time. dense = PEFT LoRA on "
+    "the dense float32 model.\n\n")
+PAPER_INTRO = (
+    "Predicted peak GiB of one training step at the paper's setting: batch 1, sequence 128, float16 "
+    "compute, LoRA r=8 (float32 LoRA weights, AdamW), `device=\"cuda\"` (a 0.5 GiB runtime allowance, "
+    "assumed, not measured: no GPU here). The paper's figures are peak GPU memory in GB (MNLI-m).\n\n")
+PAPER_NOTES = (
+    "\nWhy ours differ: the paper's code put LoRA on q_proj and v_proj only (llmtools `finetune`), in "
+    "float16; ours quantizes and adapts every decoder linear (target_modules says both) with float32 LoRA "
+    "weights, whose inputs are cast to float32 and saved per linear: at 65B that is about 1.5 GiB of LoRA "
+    "state and 5 GiB of activations instead of 0.3 and 2.6. rtn-2bit stores 2.375 bits per weight (fp16 "
+    "scale + 8-bit zero per 64); the paper's 2-bit QuIP# about 2. The paper's fp LoRA figures exceed "
+    "float16 weights (7B: 38.4 GB > 13.5 GB of weights): its baseline evidently kept float32 weights.\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""OPTQ on SmolLM2-135M (real weights): held-out perplexity and quantization time, ours next to GPTQModel's.
+
+Calibration text is the train split of the stdlib docstrings, evaluation text their validation and test
+splits (held out). Every configuration uses the same calibration tokens; GPTQModel (when installed) runs
+the same settings (symmetric, true-sequential, dampening 1%, its own act-group-aware reordering off) in a
+subprocess, float32 on the CPU, and its checkpoints are evaluated through our GPTQ loader, which
+materializes exactly the weights GPTQModel's kernels dequantize (tests/test_plugin_optq.py). Times are
+the wall time of quantizing an already-loaded model (``modulora.load`` / GPTQModel's ``quantize()``),
+both with the same number of torch threads, measured one after the other in one run.
+
+    python -m benchmarks.bench_optq            # 128 x 512 calibration tokens, 32k evaluation tokens
+    python -m benchmarks.bench_optq --quick    # 32 x 256 calibration tokens, 8k evaluation tokens
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import modulora
+from modulora_core.calibration_data import Calibration, calibration_tokens
+from modulora_core.data import docstring_splits
+from modulora_core.pretrained import smollm2_dir
+from modulora_plugin_optq import OPTQConfig
+from modulora_plugin_optq.gptqmodel_ref import GPTQModelJob, gptqmodel_available, quantize_with_gptqmodel
+
+
+def texts() -> tuple[str, str]:
+    """(calibration text: the train split, evaluation text: validation + test), docstrings joined."""
+    s = docstring_splits()
+    join = lambda items: "\n\n".join(f"{d.qualname}{d.signature}\n{d.doc}" for d in items)  # noqa: E731
+    return join(s["train"]), join(s["validation"] + s["test"])
+
+
+def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch: int = 4) -> float:
+    """exp(mean next-token NLL) over ``windows`` ``[n, t]`` (each window scored on its own)."""
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for a in range(0, windows.shape[0], batch):
+            ids = windows[a:a + batch]
+            logits = model(ids).logits[:, :-1].float()  # (b, t - 1, V)
+            nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                           ids[:, 1:].reshape(-1), reduction="sum"))
+            count += ids[:, 1:].numel()
+    return math.exp(nll / count)
+
+
+def dense_model(d: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--n-samples", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--eval-tokens", type=int, default=32768)
+    ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for both (1: a shared, busy CPU)")
+    ap.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward, both")
+    ap.add_argument("--no-gptqmodel", action="store_true")
+    ap.add_argument("--no-write", action="store_true", help="print only; do not update docs/benchmarks.md")
+    a = ap.parse_args()
+    if a.quick:
+        a.n_samples, a.seq_len, a.eval_tokens = 32, 256, 8192
+    torch.set_num_threads(a.threads)
+    d = smollm2_dir()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(d)
+    calib_text, eval_text = texts()
+    calib = calibration_tokens(Calibration([calib_text], n_samples=a.n_samples, seq_len=a.seq_len, tokenizer=tok))
+    eval_win = calibration_tokens(Calibration([eval_text], n_samples=a.eval_tokens // 512, seq_len=512,
+                                              tokenizer=tok))
+    configs = [(bits, act) for bits in a.bits for act in (False, True)]
+    rows: dict[tuple[int, bool], dict[str, float]] = {c: {} for c in configs}
+
+    ppl_dense = perplexity(dense_model(d), eval_win)
+    print(f"dense: ppl {ppl_dense:.3f}", flush=True)
+    rtn = {}
+    for bits in a.bits:  # context: round-to-nearest at the same storage (symmetric, group 128)
+        from modulora_plugin_rtn import RTNConfig
+
+        rtn[bits] = perplexity(modulora.load(dense_model(d), RTNConfig(bits=bits, group_size=128, symmetric=True)),
+                               eval_win)
+        print(f"rtn {bits}-bit: ppl {rtn[bits]:.3f}", flush=True)
+    for bits, act in configs:
+        model = dense_model(d)
+        t0 = time.perf_counter()
+        q = modulora.load(model, OPTQConfig(bits=bits, group_size=128, desc_act=act),
+                          calibration=Calibration(calib, batch_size=a.batch_size, progress=False))
+        rows[(bits, act)]["ours_s"] = time.perf_counter() - t0
+        rows[(bits, act)]["ours_ppl"] = perplexity(q, eval_win)
+        print(f"ours {bits}-bit act={act}: {rows[(bits, act)]}", flush=True)
+        del q, model
+
+    use_ref = gptqmodel_available() and not a.no_gptqmodel
+    if use_ref:
+        with tempfile.TemporaryDirectory(prefix="bench-optq-") as tmp:
+            torch.save(calib, Path(tmp) / "calib.pt")
+            jobs = [GPTQModelJob(str(Path(tmp) / f"b{bits}a{int(act)}"), bits=bits, group_size=128, desc_act=act)
+                    for bits, act in configs]
+            secs = quantize_with_gptqmodel(d, Path(tmp) / "calib.pt", jobs, batch_size=a.batch_size,
+                                           threads=a.threads)
+            for (bits, act), job, s in zip(configs, jobs, secs, strict=True):
+                rows[(bits, act)]["ref_s"] = s
+                # our loader: the weights GPTQModel's kernels dequantize, computed in float32
+                rows[(bits, act)]["ref_ppl"] = perplexity(modulora.load(job.out_dir).float(), eval_win)
+                print(f"GPTQModel {bits}-bit act={act}: {rows[(bits, act)]}", flush=True)
+
+    body = report(a, rows, ppl_dense, rtn, calib, eval_win, use_ref)
+    print(body)
+    if not a.no_write:
+        from benchmarks.report import write_section
+
+        cmd = "python -m benchmarks.bench_optq" + (" --quick" if a.quick else "")
+        write_section("optq" + ("-quick" if a.quick else ""),
+                      "OPTQ on SmolLM2-135M: held-out perplexity and quantization time vs GPTQModel", cmd, body)
+
+
+def report(a: argparse.Namespace, rows: dict, ppl_dense: float, rtn: dict[int, float], calib: torch.Tensor,
+           eval_win: torch.Tensor, use_ref: bool) -> str:
+    """The markdown section: settings, the unquantized and RTN baselines, and one row per configuration."""
+    import importlib.metadata as md
+
+    ver = md.version("gptqmodel") if use_ref else "(not run)"
+    head = (f"SmolLM2-135M-Instruct (float32), every decoder-block linear quantized, symmetric, group 128. "
+            f"Calibration: {calib.shape[0]} x {calib.shape[1]} tokens of the docstrings' train split; "
+            f"perplexity on {eval_win.numel()} held-out tokens (validation + test splits, windows of "
+            f"{eval_win.shape[1]}). Times: quantizing a loaded model, {a.threads} torch thread(s), "
+            f"{a.batch_size} sequences per forward. GPTQModel {ver}.\n\n"
+            f"Unquantized: perplexity **{ppl_dense:.3f}**. Round-to-nearest at the same storage: "
+            + ", ".join(f"{b}-bit {p:.3f}" for b, p in rtn.items()) + ".\n\n")
+    lines = ["| bits | act-order | ours ppl | GPTQModel ppl | ppl ours / theirs | ours s | GPTQModel s | "
+             "time ours / theirs |", "|---|---|---|---|---|---|---|---|"]
+
+    def fmt(v: float | None, spec: str) -> str:
+        return "-" if v is None else format(v, spec)
+
+    for (bits, act), r in rows.items():
+        ref_p, ref_s = r.get("ref_ppl"), r.get("ref_s")
+        lines.append(f"| {bits} | {'on' if act else 'off'} | {r['ours_ppl']:.3f} | {fmt(ref_p, '.3f')} | "
+                     f"{fmt(ref_p and r['ours_ppl'] / ref_p, '.3f')} | {r['ours_s']:.0f} | {fmt(ref_s, '.0f')} | "
+                     f"{fmt(ref_s and r['ours_s'] / ref_s, '.2f')} |")
+    return head + "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,363 @@
+"""The memory planner: the peak memory of one LoRA training step, before any weight is loaded.
+
+``plan("llama-65b", "rtn-2bit", batch_size=1, seq_len=128, dtype="float16", device="cuda")`` returns a
+:class:`MemoryPlan`: a table of components and their total, and whether it fits a budget. Packed sizes are
+exact (each plugin's ``packed_nbytes``); the model's linears come from building it on the meta device; the
+activations follow :mod:`modulora_core.plan_activations`; what a plugin's materialize allocates is measured
+on a small real weight with :class:`~modulora_core.memtrace.PeakTracker`.
+
+The step's peak is ``base weights + unquantized parts + LoRA state + saved activations + max(loss
+gradients at the start of backward, one layer's backward) + runtime allowance``; only the larger of the
+two transients counts.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import ModuLoRAError
+from .lora_config import LoraConfig
+from .memtrace import peak_bytes
+from .model import matches_target
+from .plan_activations import StepShape, activations
+from .plan_shapes import ModelShapes, model_config, model_shapes
+from .quantizer import PackedWeight, QuantizerConfig, dtype_from_name, dtype_name
+from .registry import BoundQuantizer, get_quantizer
+
+GiB = 1 << 30
+# Resident memory of the process itself: Python, torch, transformers, modulora, thread pools, allocator
+# slack. "cpu" is calibrated on this project's 2-core x86_64 runner (python -m benchmarks.bench_memory
+# --calibrate: the peak RSS of a training step of a tiny model, minus its predicted tensors: 420 MiB, the
+# same to 0.3 MiB over three runs). "cuda" is an assumption, not a measurement: a CUDA context and cuBLAS
+# workspaces, as reported for recent GPUs (no GPU was available to calibrate it).
+RUNTIME_ALLOWANCE = {"cpu": 420 * (1 << 20), "cuda": 512 * (1 << 20)}
+# Plain PEFT LoRA ("dense") on CPU: get_peft_model imports every quantization backend it finds installed
+# (GPTQModel, torchao, bitsandbytes here), calibrated the same way: 596 MiB in all.
+DENSE_RUNTIME_EXTRA = {"cpu": 176 * (1 << 20), "cuda": 0}
+OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd": 0, "sgd-momentum": 1}  # float32 tensors per LoRA param
+DENSE = "dense"  # the "quantizer" of plain LoRA on the dense model (PEFT), for comparison
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_size(text: str | int | float) -> int:
+    """``"24GB"`` -> 24e9 bytes, ``"24GiB"`` -> 24 * 2**30; a bare number is bytes."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        if text <= 0:
+            raise ModuLoRAError(f"a memory size must be positive, got {text!r}")
+        return int(text)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else ""
+    if not m or unit not in _UNITS and unit != "":
+        raise ModuLoRAError(f"cannot read the memory size {text!r}: write a number and a unit, e.g. '24GB' or "
+                            f"'24GiB' (units: B, KB, MB, GB, TB = powers of 1000; KiB, MiB, GiB, TiB = of 1024)")
+    value = float(m.group(1)) * _UNITS[unit or "b"]
+    if value <= 0:
+        raise ModuLoRAError(f"a memory size must be positive, got {text!r}")
+    return int(value)
+
+
+def format_size(n: int) -> str:
+    """Bytes as GiB (or MiB below 1 GiB)."""
+    return f"{n / GiB:.2f} GiB" if abs(n) >= GiB else f"{n / (1 << 20):.1f} MiB"
+
+
+@dataclass
+class Component:
+    """One line of the plan. ``counted`` is False for the transient that is not at the peak."""
+
+    key: str
+    label: str
+    nbytes: int
+    detail: str = ""
+    counted: bool = True
+
+
+@dataclass
+class MemoryPlan:
+    """The predicted peak memory of one training step (forward, backward, optimizer step)."""
+
+    model: str
+    quantizer: str
+    settings: dict[str, Any]
+    components: list[Component]
+    budget: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        """The predicted peak: the sum of the counted components."""
+        return sum(c.nbytes for c in self.components if c.counted)
+
+    @property
+    def fits(self) -> bool | None:
+        """Whether the total is within the budget (None without a budget)."""
+        return None if self.budget is None else self.total <= self.budget
+
+    def component(self, key: str) -> Component:
+        """The component named ``key`` (``packed``, ``unquantized``, ``lora``, ``activations``, ``loss``,
+        ``layer_backward``, ``runtime``)."""
+        return next(c for c in self.components if c.key == key)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: every component in bytes, the total, the budget and whether it fits."""
+        return {"model": self.model, "quantizer": self.quantizer, "settings": self.settings,
+                "components": [asdict(c) for c in self.components], "total_bytes": self.total,
+                "total_gib": round(self.total / GiB, 3), "budget_bytes": self.budget, "fits": self.fits,
+                "notes": self.notes}
+
+    def rich_table(self) -> Any:
+        """A ``rich.table.Table`` of the components, the total and the verdict."""
+        from rich.table import Table
+
+        s = self.settings
+        title = (f"{self.model} · {self.quantizer} · batch {s['batch_size']} × seq {s['seq_len']} · "
+                 f"r={s['lora_r']} · {s['dtype']} · {s['optimizer']}"
+                 + (" · gradient checkpointing" if s["gradient_checkpointing"] else "")
+                 + (f" · chunk_rows={s['chunk_rows']}" if s["chunk_rows"] else ""))
+        t = Table(title=title, title_justify="left")
+        t.add_column("component")
+        t.add_column("size", justify="right")
+        t.add_column("detail", overflow="fold")
+        for c in self.components:
+            size = format_size(c.nbytes) if c.counted else f"[dim]({format_size(c.nbytes)})[/]"
+            t.add_row(c.label if c.counted else f"[dim]{c.label}[/]", size,
+                      c.detail + ("" if c.counted else " [dim]— not at the peak, not counted[/]"))
+        t.add_section()
+        t.add_row("[bold]total (peak)[/]", f"[bold]{format_size(self.total)}[/]", f"{self.total / 1e9:.2f} GB")
+        if self.budget is not None:
+            left = self.budget - self.total
+            verdict = (f"[green]fits[/] ({format_size(left)} to spare)" if left >= 0
+                       else f"[red]does not fit[/] ({format_size(-left)} over)")
+            t.add_row("budget", format_size(self.budget), verdict)
+        return t
+
+    def __str__(self) -> str:
+        lines = [f"{c.label:<46} {format_size(c.nbytes):>12}{'' if c.counted else '  (not at peak)'}"
+                 for c in self.components]
+        lines.append(f"{'total (peak)':<46} {format_size(self.total):>12}")
+        if self.budget is not None:
+            lines.append(f"budget {format_size(self.budget)}: {'fits' if self.fits else 'does NOT fit'}")
+        return "\n".join(lines)
+
+
+QuantizerSpec = str | QuantizerConfig | BoundQuantizer | Mapping[str, str | QuantizerConfig]
+
+
+def _resolve(spec: str | QuantizerConfig | BoundQuantizer) -> BoundQuantizer | None:
+    if isinstance(spec, BoundQuantizer):
+        return spec
+    if isinstance(spec, str) and spec.strip().lower() == DENSE:
+        return None
+    return get_quantizer(spec)
+
+
+def _per_module(shapes: ModelShapes, quantizer: QuantizerSpec) -> dict[str, BoundQuantizer | None]:
+    """Target name -> its quantizer (None: dense). A mapping is matched like ``target_modules`` (name or
+    ``.``-suffix), in order; the key ``"*"`` catches the rest."""
+    if not isinstance(quantizer, Mapping):
+        bq = _resolve(quantizer)
+        return {t.name: bq for t in shapes.targets}
+    resolved = {k: _resolve(v) for k, v in quantizer.items()}
+    if None in resolved.values() and any(v is not None for v in resolved.values()):
+        raise ModuLoRAError("'dense' cannot be mixed with quantizers in one model: ModuLoRA quantizes every "
+                            "LoRA target; leave a module out of target_modules to keep it dense")
+    out: dict[str, BoundQuantizer | None] = {}
+    for t in shapes.targets:
+        key = next((k for k in resolved if k != "*" and matches_target(t.name, [k])), "*")
+        if key not in resolved:
+            raise ModuLoRAError(f"no quantizer for module {t.name!r}: the mapping's keys {list(resolved)} match "
+                                f"neither its name nor a suffix of it; add it or a catch-all key '*'")
+        out[t.name] = resolved[key]
+    return out
+
+
+@functools.lru_cache(maxsize=512)
+def _packed_nbytes(bq: BoundQuantizer, out_f: int, in_f: int) -> int:
+    return int(bq.quantizer.packed_nbytes((out_f, in_f), bq.config))
+
+
+@functools.lru_cache(maxsize=256)
+def materialize_peak(bq: BoundQuantizer, out_f: int, in_f: int, rows: int, dtype: torch.dtype) -> int:
+    """Peak bytes ``materialize`` allocates (its result included) for ``rows`` rows of an ``(out, in)`` weight.
+
+    Measured on a small real weight (64 rows; for calibrating quantizers with in > 1024, a narrower one)
+    and scaled per row and per input: materialize is row-wise, so its allocations grow with rows * in.
+    A quantizer whose row blocks are not cheap (``row_chunking=False``) dequantizes the whole weight for
+    any block, plus a copy of the block.
+    """
+    packed = _small_packed(bq, out_f, in_f)
+    r0, in0 = packed.shape
+    peak, _ = peak_bytes(lambda: bq.quantizer.materialize(packed, dtype=dtype), *packed.tensors.values())
+    per_weight = peak / (r0 * in0)
+    if bq.capabilities().row_chunking or rows >= out_f:
+        return math.ceil(per_weight * rows * in_f)
+    return math.ceil(per_weight * out_f * in_f) + rows * in_f * torch.finfo(dtype).bits // 8
+
+
+@functools.lru_cache(maxsize=256)
+def fast_path_peak(bq: BoundQuantizer, out_f: int, in_f: int, tokens: int, dtype: torch.dtype) -> int:
+    """An estimate of what a fast path (``matmul_T``) allocates for ``tokens`` rows of gradient.
+
+    The fast path decodes the weight in blocks of its own choosing: its peak on a small weight (64 rows,
+    16 tokens), scaled with in, stands for the decoded block; the rotated copies of the activations and
+    of the result are counted in float32 (``2 * tokens * (in + out) * 4``).
+    """
+    packed = _small_packed(bq, out_f, in_f)
+    r0, in0 = packed.shape
+    gy = torch.zeros(16, r0, dtype=dtype)
+    peak, _ = peak_bytes(lambda: bq.quantizer.matmul_T(gy, packed), gy, *packed.tensors.values())
+    return math.ceil(peak * in_f / in0) + 2 * tokens * (in_f + out_f) * 4
+
+
+@functools.lru_cache(maxsize=64)
+def _small_packed(bq: BoundQuantizer, out_f: int, in_f: int) -> PackedWeight:
+    """A real packed weight of 64 rows (or fewer) and ``in_f`` inputs, or about 1024 for quantizers that
+    need calibration (their cost grows with in^2)."""
+    caps = bq.capabilities()
+    r0 = max(caps.out_multiple, -(-min(out_f, 64) // caps.out_multiple) * caps.out_multiple)
+    in0 = in_f
+    if caps.needs_calibration and in_f > 1024:
+        in0 = max(caps.in_multiple, 1024 // caps.in_multiple * caps.in_multiple)
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(r0, in0, generator=gen) * in0**-0.5
+    return bq.quantize(w, torch.eye(in0) if caps.needs_calibration else None)
+
+
+def _dtype(x: str | torch.dtype, what: str) -> torch.dtype:
+    if isinstance(x, torch.dtype):
+        return x
+    try:
+        return dtype_from_name(str(x).removeprefix("torch."))
+    except ModuLoRAError as e:
+        raise ModuLoRAError(f"{what}: {e}") from None
+
+
+def _nbytes(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits // 8
+
+
+def _base_weights(shapes: ModelShapes, per_module: dict[str, BoundQuantizer | None], chunk_rows: int | None,
+                  tokens: int, cdt: torch.dtype, wdt: torch.dtype) -> tuple[int, int, str]:
+    """``(bytes of the base weights, peak of the worst linear's backward, which linear)``.
+
+    A linear's backward holds materialize's own peak, or the weight (tile) next to the input gradient it
+    produces, whichever is larger. (The LoRA input gradient, already there by then, takes the place of the
+    LoRA input that was saved for it and is now freed.) A dense model materializes nothing.
+    """
+    cb = _nbytes(cdt)
+    base, worst, where = 0, 0, ""
+    for t in shapes.targets:
+        bq = per_module[t.name]
+        grad_x = tokens * t.in_features * cb
+        if bq is None:
+            base += t.out_features * t.in_features * _nbytes(wdt)
+            m, w = grad_x, "no materialized weight (dense)"
+        elif bq.capabilities().fast_path:  # no dense weight: the plugin's own blocks and rotations
+            base += _packed_nbytes(bq, t.out_features, t.in_features)
+            m = fast_path_peak(bq, t.out_features, t.in_features, tokens, cdt) + grad_x
+            w = f"{t.leaf} {t.out_features}x{t.in_features}, fast path (estimated)"
+        else:
+            base += _packed_nbytes(bq, t.out_features, t.in_features)
+            rows = min(chunk_rows or t.out_features, t.out_features)
+            m = max(materialize_peak(bq, t.out_features, t.in_features, rows, cdt),
+                    rows * t.in_features * cb + grad_x)
+            w = f"{t.leaf} {t.out_features}x{t.in_features}, {rows} rows at a time"
+        if m > worst:
+            worst, where = m, w
+    widest = tokens * max(shapes.hidden_size, shapes.intermediate_size) * cb  # an untargeted dense linear's
+    return (base, worst, where) if worst >= widest else (base, widest, "input gradient of a dense linear")
+
+
+def plan(model: Any, quantizer: QuantizerSpec = "rtn-4bit", *, batch_size: int = 1, seq_len: int = 512,
+         lora: LoraConfig | None = None, dtype: str | torch.dtype = "float32",
+         weight_dtype: str | torch.dtype | None = None, optimizer: str = "adamw",
+         gradient_checkpointing: bool = False, chunk_rows: int | None = None,
+         budget: str | int | None = None, device: str = "cpu",
+         runtime_bytes: int | None = None) -> MemoryPlan:
+    """Predict the peak memory of one LoRA training step of ``model`` quantized with ``quantizer``.
+
+    ``model``: a built-in shape (``llama-7b`` ... ``llama-65b``, ``llama-2-70b``, ``smollm2-135m``), a
+    config.json / model directory, or a config object. ``quantizer``: a preset, a config, ``"dense"``
+    (plain LoRA on the dense model), or ``{module name or suffix: preset, "*": preset}``. ``dtype``: the
+    compute dtype (the model's); ``weight_dtype``: that of the unquantized parts (default: ``dtype``).
+    ``device`` picks the runtime allowance (``"cpu"`` calibrated, ``"cuda"`` assumed), unless
+    ``runtime_bytes`` is given. ``budget``: e.g. ``"24GB"``.
+    """
+    for name, v in (("batch_size", batch_size), ("seq_len", seq_len)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ModuLoRAError(f"{name} must be a positive int, got {v!r}")
+    if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 1):
+        raise ModuLoRAError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
+    opt = optimizer.strip().lower()
+    if opt not in OPTIMIZER_STATES:
+        raise ModuLoRAError(f"unknown optimizer {optimizer!r}; the planner knows {sorted(OPTIMIZER_STATES)}")
+    if runtime_bytes is None and device not in RUNTIME_ALLOWANCE:
+        raise ModuLoRAError(f"unknown device {device!r}; use one of {sorted(RUNTIME_ALLOWANCE)}, or give the "
+                            f"runtime allowance (runtime_bytes=, --runtime)")
+    cdt = _dtype(dtype, "dtype")
+    wdt = _dtype(weight_dtype, "weight_dtype") if weight_dtype is not None else cdt
+    lora = lora or LoraConfig()
+    budget_bytes = parse_size(budget) if budget is not None else None
+
+    shapes = model_shapes(model_config(model), lora.target_modules)
+    per_module = _per_module(shapes, quantizer)
+    cb, wb, lb = (_nbytes(d) for d in (cdt, wdt, torch.float32))
+    dense = all(bq is None for bq in per_module.values())
+
+    tokens = batch_size * seq_len
+    base, mat, mat_where = _base_weights(shapes, per_module, chunk_rows, tokens, cdt, wdt)
+    n_lin = sum(t.out_features * t.in_features for t in shapes.targets)
+    names = sorted({bq.name for bq in per_module.values() if bq is not None})
+    qname = DENSE if dense else ", ".join(names)
+    unq = sum(shapes.dense_params.values()) * wb + shapes.buffer_bytes
+    n_lora = lora.r * sum(t.out_features + t.in_features for t in shapes.targets)
+    n_states = OPTIMIZER_STATES[opt]
+    step = StepShape(tokens=tokens, compute_bytes=cb, lora_bytes=lb, r=lora.r,
+                     dropout=lora.dropout, checkpointing=gradient_checkpointing,
+                     dropout_mask_bytes=lb if device == "cpu" else 1)
+    act = activations(shapes, step)
+    loss = act.head_saved + act.head_transient
+    layer_bwd = act.layer_grads + mat + act.recomputed_layer
+    layers_saved = act.saved - act.head_saved
+    runtime = runtime_bytes if runtime_bytes is not None else (
+        RUNTIME_ALLOWANCE[device] + (DENSE_RUNTIME_EXTRA[device] if dense else 0))
+    comps = [
+        Component("packed", "dense base weights (frozen)" if dense else "packed base weights",
+                  base, f"{len(shapes.targets)} linears, {n_lin / 1e9:.3g}B weights, "
+                  f"{8 * base / max(n_lin, 1):.3f} bits/weight" + ("" if dense else f" ({qname})")),
+        Component("unquantized", "unquantized parts", unq,
+                  f"embeddings, norms, lm_head, other linears: {sum(shapes.dense_params.values()) / 1e6:.1f}M "
+                  f"in {dtype_name(wdt)}"),
+        # the gradients are counted whole: conservative, since at the step's peak (early in backward) only
+        # the last layer's exist; they are all there only at the optimizer step, activations gone
+        Component("lora", "LoRA params + grads + optimizer states", n_lora * lb * (2 + n_states),
+                  f"{n_lora / 1e6:.2f}M float32 params, r={lora.r}, {opt}: {n_states} states each"),
+        Component("activations", "activations saved for backward", layers_saved,
+                  f"{shapes.num_layers} layers, {format_size(act.per_layer)} per layer"
+                  + (" (checkpointing: layer inputs only)" if gradient_checkpointing else "")),
+        Component("loss", "logits + loss gradients", loss,
+                  f"vocab {shapes.vocab_size}: log-softmax output + 2 float32 gradients at backward start",
+                  counted=loss >= layer_bwd),
+        Component("layer_backward", "one layer's backward: weight + grads", layer_bwd,
+                  mat_where + (f"; recomputed layer {format_size(act.recomputed_layer)}"
+                               if gradient_checkpointing else ""), counted=layer_bwd > loss),
+        Component("runtime", "runtime allowance", runtime,
+                  f"{device}: " + ("calibrated on this project's CPU runner" if device == "cpu" and
+                                   runtime_bytes is None else "assumed" if runtime_bytes is None else "given")),
+    ]
+    settings = {"batch_size": batch_size, "seq_len": seq_len, "lora_r": lora.r, "lora_dropout": lora.dropout,
+                "target_modules": lora.target_modules, "dtype": dtype_name(cdt), "weight_dtype": dtype_name(wdt),
+                "optimizer": opt, "gradient_checkpointing": gradient_checkpointing, "chunk_rows": chunk_rows,
+                "device": device, "n_params": shapes.n_params}
+    notes = []
+    if shapes.model_type not in ("llama", "mistral", "qwen2", "qwen3"):
+        notes.append(f"activations follow a Llama block; {shapes.model_type!r} may differ")
+    return MemoryPlan(shapes.name, qname, settings, comps, budget_bytes, notes)

@@ -1,0 +1,174 @@
+"""Training ModuLoRA adapters with the Hugging Face ``Trainer`` as it ships.
+
+:class:`ModuLoRATrainer` changes only where files go: a checkpoint holds the LoRA adapter in PEFT's format
+plus the optimizer, scheduler, RNG and trainer state (never the packed base, which is saved once), and it
+appears under its final name only when complete. :class:`GracefulStop` turns Ctrl-C (or SIGTERM) into "save a
+checkpoint at the end of this step and stop", so an interrupted run always resumes. Several processes
+(``torchrun``, ``accelerate launch``) train with DDP (gloo on CPU); the frozen base is never broadcast.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
+
+from .adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, save_adapter
+from .errors import CheckpointError
+from .train_config import TrainConfig
+
+STAGING_DIR = ".checkpoint-staging"  # checkpoints are written here, then renamed into place
+TRAINER_STATE = "trainer_state.json"
+
+
+def training_arguments(cfg: TrainConfig, output_dir: str | os.PathLike, *, progress: bool = True,
+                       has_eval: bool = False, checkpoints: bool = True) -> TrainingArguments:
+    """``TrainingArguments`` for ``cfg``: CPU-safe (gloo for DDP), no reporting integrations, and (with
+    ``checkpoints``) a checkpoint at least at the end of training, so a run can be resumed or extended."""
+    cpu = not torch.cuda.is_available()
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun / accelerate launch set it
+    steps = cfg.max_steps if cfg.max_steps > 0 else -1
+    return TrainingArguments(
+        output_dir=str(output_dir), per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate, max_steps=steps, num_train_epochs=cfg.epochs,
+        lr_scheduler_type=cfg.scheduler, warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm, activation_checkpointing=cfg.gradient_checkpointing,
+        seed=cfg.seed, data_seed=cfg.seed, logging_steps=cfg.logging_steps, logging_first_step=True,
+        save_strategy="steps" if checkpoints else "no", save_steps=cfg.save_steps or 10**9, save_total_limit=cfg.save_total_limit,
+        eval_strategy="steps" if (cfg.eval_steps and has_eval) else "no", eval_steps=cfg.eval_steps or None,
+        report_to="none", remove_unused_columns=False, use_cpu=cpu, ddp_backend="gloo" if cpu and several else None,
+        ddp_find_unused_parameters=False, ddp_broadcast_buffers=False, dataloader_num_workers=0,
+        disable_tqdm=not progress, bf16=False, fp16=False,
+    )
+
+
+def exclude_frozen_from_ddp(model: torch.nn.Module) -> list[str]:
+    """Tell DDP to skip every buffer (the packed weights) and frozen parameter: nothing is broadcast at
+    wrap time or before each forward; every process loaded the same base. Only LoRA A/B are reduced."""
+    names = [n for n, p in model.named_parameters() if not p.requires_grad]
+    names += [n for n, _ in model.named_buffers()]
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+    return names
+
+
+def _unwrap(trainer: Trainer, model: torch.nn.Module | None) -> torch.nn.Module:
+    return trainer.accelerator.unwrap_model(model if model is not None else trainer.model)
+
+
+class ModuLoRATrainer(Trainer):
+    """The stock ``Trainer``; only saving and loading model weights differ (adapter-only, atomic)."""
+
+    _staging: Path | None = None
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # Trainer would call save_pretrained: packed base + LoRA in a model.safetensors. The base is saved
+        # once by the caller (modulora.save_quantized); checkpoints need only the adapter.
+        if self.args.should_save:
+            save_adapter(_unwrap(self, None), output_dir or self.args.output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        load_adapter(_unwrap(self, model), resume_from_checkpoint)
+
+    def _get_output_dir(self, trial: Any) -> str:
+        return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        # The Trainer writes checkpoint-N file by file; we let it write into a staging folder and rename
+        # the finished folder into place, so a crash mid-save never leaves a checkpoint-N to resume from.
+        root = Path(self._get_output_dir(trial))
+        staging = root / STAGING_DIR
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self._staging = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = None
+        self.accelerator.wait_for_everyone()  # every process has written its RNG state
+        if self.args.should_save:
+            name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            publish_dir(staging / name, root / name)
+            shutil.rmtree(staging, ignore_errors=True)
+            rotate_checkpoints(output_dir=str(root), save_total_limit=self.args.save_total_limit,
+                               use_mtime=False)
+        self.accelerator.wait_for_everyone()
+
+
+def publish_dir(src: Path, dst: Path) -> None:
+    """Move the finished folder ``src`` to ``dst`` (replacing an older ``dst``) with atomic renames."""
+    old = dst.with_name(dst.name + ".old")
+    if dst.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def is_complete_checkpoint(d: Path) -> bool:
+    return all((d / f).is_file() for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAINER_STATE))
+
+
+def last_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The newest complete ``checkpoint-N`` in ``directory``, or None."""
+    d = Path(directory)
+    if not d.is_dir():
+        return None
+    found = get_last_checkpoint(str(d))
+    if found is None:
+        return None
+    if not is_complete_checkpoint(Path(found)):
+        raise CheckpointError(f"{found} is incomplete (it lacks the adapter or {TRAINER_STATE}); delete it "
+                              f"to resume from the checkpoint before it")
+    return Path(found)
+
+
+class GracefulStop(TrainerCallback):
+    """First Ctrl-C (SIGINT) or SIGTERM: finish the current optimizer step, save a checkpoint, stop training.
+    A second Ctrl-C interrupts at once. Under DDP the processes agree (all-reduce) before stopping."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.stopped_at: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def install(self) -> GracefulStop:
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._previous[s] = signal.signal(s, self._handler)
+        return self
+
+    def uninstall(self) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous.clear()
+
+    def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> Any:
+        stop = self.requested
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([int(stop)])
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            stop = bool(flag.item())
+        if stop:
+            control.should_save = True
+            control.should_training_stop = True
+            self.stopped_at = state.global_step
+        return control
+
+
+def loss_history(trainer: Trainer) -> list[tuple[int, float]]:
+    """``(step, training loss)`` pairs the Trainer logged."""
+    return [(int(h["step"]), float(h["loss"])) for h in trainer.state.log_history if "loss" in h]

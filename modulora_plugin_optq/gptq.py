@@ -1,0 +1,156 @@
+"""The OPTQ / GPTQ algorithm (Frantar et al., ICLR 2023) on one ``[out, in]`` weight: pure tensors in and out.
+
+Columns are quantized one at a time (in Hessian-diagonal order with act-order); each column's rounding
+error is spread over the columns not yet quantized through the upper Cholesky factor ``U`` of ``H^-1``
+(``H = X^T X`` plus dampening). Columns go in blocks of ``block_size``: inside a block the feedback is
+applied column by column, to the rest of the weight once per block (the "lazy batch" update), which keeps
+the work in matrix products. A group's scale and zero are fixed when its first column comes up, from the
+weights as updated by then (or, with ``static_groups``, from the original weights before any update).
+Scales are rounded to float16 before use, so the error fed back is the error of the stored weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from modulora_core import InvalidWeightError
+
+FP16_TINY = 2.0**-24  # the smallest positive float16: a scale never rounds to zero
+
+
+@dataclass
+class GPTQResult:
+    """Integer codes ``[out, in]`` (original column order), per-group ``scales`` ``[G, out]`` float16,
+    ``zeros`` ``[G, out]`` (the zero point itself, 0..2^bits-1) and ``g_idx`` ``[in]`` int32."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    g_idx: torch.Tensor
+
+
+def group_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max scale (float16-representable, as float32) and integer zero ``[out]`` of columns ``w`` ``[out, k]``.
+
+    The range always contains 0; symmetric puts the zero at ``2^(bits-1)``, as GPTQ's v1 checkpoints do.
+    """
+    maxq = (1 << bits) - 1
+    lo = w.amin(dim=1).clamp(max=0)
+    hi = w.amax(dim=1).clamp(min=0)
+    if sym:
+        hi = torch.maximum(-lo, hi)
+        lo = torch.where(lo < 0, -hi, lo)
+    both_zero = (lo == 0) & (hi == 0)
+    lo = torch.where(both_zero, -1.0, lo)
+    hi = torch.where(both_zero, 1.0, hi)
+    scale = ((hi - lo) / maxq).half()
+    if not bool(torch.isfinite(scale).all()):
+        raise InvalidWeightError(f"optq: weight values up to {float(w.abs().max()):.3g} need a scale beyond "
+                                 "float16's range (65504), which the GPTQ format stores; rescale the weight")
+    scale = scale.float().clamp(min=FP16_TINY)
+    if sym:
+        zero = torch.full_like(scale, float((maxq + 1) // 2))
+    else:
+        zero = torch.round(-lo / scale).clamp(0, maxq)
+    return scale, zero
+
+
+def inverse_cholesky(h: torch.Tensor, damp_percent: float) -> torch.Tensor:
+    """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) * I)^-1`` (so ``U^T U = H^-1``), ``[in, in]``.
+
+    With ``J`` the order reversal and ``J H J = L L^T``: ``U = J L^-1 J`` (upper triangular, positive
+    diagonal, and ``U^T U = J L^-T L^-1 J = H^-1``), one factorization and one triangular inverse instead
+    of factorizing, inverting and factorizing again. Tried in float32 (what GPTQ uses), then in float64; a
+    matrix that fails both is not positive definite even after dampening, which only a broken Hessian is.
+    """
+    damp = damp_percent * h.diagonal().mean()
+    for dtype in (torch.float32, torch.float64):
+        hd = h.to(dtype).flip(0, 1)  # J H J
+        hd.diagonal().add_(damp.to(dtype))
+        chol, info = torch.linalg.cholesky_ex(hd)
+        if int(info) == 0:
+            eye = torch.eye(h.shape[0], dtype=dtype, device=h.device)
+            u = torch.linalg.solve_triangular(chol, eye, upper=False).flip(0, 1)
+            if bool(torch.isfinite(u).all()):
+                return u.to(torch.float32)
+    raise InvalidWeightError(
+        f"optq: the Hessian is not positive definite even with damp_percent={damp_percent}; check that the "
+        "calibration inputs are finite and not all zero, or raise damp_percent"
+    )
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_size: int, sym: bool,
+                  desc_act: bool, static_groups: bool, damp_percent: float, block_size: int) -> GPTQResult:
+    """GPTQ-quantize ``weight`` ``[out, in]`` against ``hessian`` ``[in, in]``; inputs are not modified."""
+    out_f, in_f = weight.shape
+    maxq = (1 << bits) - 1
+    w = weight.detach().to(torch.float32).clone()  # (out, in)
+    h = hessian.detach().to(torch.float32).clone()  # (in, in)
+    dead = h.diagonal() == 0  # inputs the calibration never excited: any value is free, zero is cheapest
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    gs = group_size if group_size > 0 else in_f
+    n_groups = -(-in_f // gs)
+
+    static: tuple[torch.Tensor, torch.Tensor] | None = None
+    if static_groups or group_size <= 0:  # fixed up front, from the original column order
+        params = [group_params(w[:, g * gs:(g + 1) * gs], bits, sym) for g in range(n_groups)]
+        static = (torch.stack([p[0] for p in params]), torch.stack([p[1] for p in params]))  # (G, out) x2
+
+    perm = torch.argsort(h.diagonal(), descending=True, stable=True) if desc_act else None
+    if perm is not None:
+        w, h = w[:, perm], h[perm][:, perm]
+    u = inverse_cholesky(h, damp_percent)  # (in, in)
+    del h
+
+    # column position -> its group, in the processing order
+    orig_col = perm if perm is not None else torch.arange(in_f)
+    col_group = orig_col // gs if static is not None else torch.arange(in_f) // gs
+    codes = torch.empty(out_f, in_f, dtype=torch.uint8)
+    scales = torch.empty(n_groups, out_f)
+    zeros = torch.empty(n_groups, out_f)
+    if static is not None:
+        scales.copy_(static[0])
+        zeros.copy_(static[1])
+    # groups never straddle a block, so a dynamic group's parameters see every update before it
+    bs = block_size if group_size <= 0 or static is not None else max(gs, block_size // gs * gs)
+    col_scale = scales.T[:, col_group] if static is not None else None  # (out, in) when fixed
+    col_zero = zeros.T[:, col_group] if static is not None else None
+    # inside a block, rank-1 updates reach only the next few columns (a sub-block that divides every group
+    # size); each finished sub-block updates the rest of its block in one product: same result, less work
+    sub = min(32, gs) if static is None else 32
+    for i1 in range(0, in_f, bs):
+        i2 = min(i1 + bs, in_f)
+        w1 = w[:, i1:i2].clone()  # (out, B)
+        err1 = torch.empty_like(w1)
+        u1 = u[i1:i2, i1:i2]
+        for j1 in range(0, i2 - i1, sub):
+            j2 = min(j1 + sub, i2 - i1)
+            for i in range(j1, j2):
+                col = i1 + i
+                if static is None:
+                    if col % gs == 0:
+                        s, z = group_params(w1[:, i: i + gs], bits, sym)
+                        scales[col // gs], zeros[col // gs] = s, z
+                else:
+                    s, z = col_scale[:, col], col_zero[:, col]
+                x = w1[:, i]
+                q = torch.clamp(torch.round(x / s) + z, 0, maxq)
+                codes[:, col] = q.to(torch.uint8)
+                e = (x - s * (q - z)) / u1[i, i]
+                err1[:, i] = e
+                w1[:, i:j2].addr_(e, u1[i, i:j2], alpha=-1.0)  # feed the error forward in the sub-block
+            w1[:, j2:].addmm_(err1[:, j1:j2], u1[j1:j2, j2:], alpha=-1.0)  # the rest of the block
+        w[:, i2:].addmm_(err1, u[i1:i2, i2:], alpha=-1.0)  # and, once per block, everything after it
+
+    if desc_act and static is None:
+        g_idx = torch.empty(in_f, dtype=torch.int32)
+        g_idx[perm] = (torch.arange(in_f) // gs).to(torch.int32)  # non-monotonic: groups of the order
+    else:
+        g_idx = (torch.arange(in_f) // gs).to(torch.int32)
+    if perm is not None:
+        inv = torch.argsort(perm)
+        codes = codes[:, inv]
+    return GPTQResult(codes.contiguous(), scales.half(), zeros.to(torch.uint8), g_idx)

@@ -1,0 +1,105 @@
+"""GPTQModel, the reference GPTQ implementation, run in a subprocess: for interop tests and benchmarks.
+
+    python -m modulora_plugin_optq.gptqmodel_ref MODEL_DIR TOKENS.pt '[{"out_dir": "q4", "bits": 4}]'
+
+quantizes the dense checkpoint ``MODEL_DIR`` with GPTQModel on the CPU in float32 on the token ids of
+``TOKENS.pt`` (an ``[n, t]`` int64 tensor), once per job, and saves each GPTQ v1 checkpoint to its
+``out_dir``; the last line of stdout is the JSON list of ``quantize()`` wall times. A subprocess, because
+GPTQModel changes process-wide state on import (environment, logging) and needs ``os.cpu_count() >= 4``,
+which a small machine is patched to report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+# local directories only: no hub lookups
+_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def gptqmodel_available() -> bool:
+    """Whether GPTQModel is installed (without importing it)."""
+    return importlib.util.find_spec("gptqmodel") is not None
+
+
+@dataclass
+class GPTQModelJob:
+    """One GPTQModel quantization: its settings and the directory the checkpoint goes to."""
+
+    out_dir: str
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    desc_act: bool = False
+    static_groups: bool = False
+    damp_percent: float = 0.01
+
+
+def quantize_with_gptqmodel(model_dir: str | os.PathLike, tokens_file: str | os.PathLike,
+                            jobs: list[GPTQModelJob], *, batch_size: int = 8, threads: int = 0,
+                            timeout: float = 7200) -> list[float]:
+    """Run every job in one GPTQModel subprocess (it imports once); returns each ``quantize()`` wall time (s)."""
+    cmd = [sys.executable, "-m", "modulora_plugin_optq.gptqmodel_ref", str(model_dir), str(tokens_file),
+           json.dumps([asdict(j) for j in jobs]), "--batch-size", str(batch_size), "--threads", str(threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **_ENV})
+    if proc.returncode != 0:
+        raise RuntimeError(f"GPTQModel failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def patch_cpu_count() -> None:
+    """Make ``os.cpu_count()`` report at least 4, which GPTQModel requires; call before importing it."""
+    real = os.cpu_count() or 1
+    os.cpu_count = lambda: max(real, 4)
+
+
+def run_jobs(model_dir: str | os.PathLike, tokens: Any, jobs: list[GPTQModelJob], *,
+             batch_size: int = 8) -> list[float]:
+    """Quantize in this process (call :func:`patch_cpu_count` first): ``tokens`` ``[n, t]``; returns the
+    ``quantize()`` wall time of each job in seconds."""
+    import torch
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    calib = [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in tokens]
+    times = []
+    for job in jobs:
+        # act_group_aware (GPTQModel's own reordering, on by default) is not GPTQ: off, for the same algorithm
+        qc = QuantizeConfig(bits=job.bits, group_size=job.group_size, sym=job.sym, desc_act=job.desc_act,
+                            static_groups=job.static_groups, damp_percent=job.damp_percent,
+                            act_group_aware=False, true_sequential=True, offload_to_disk=False)
+        model = GPTQModel.load(str(model_dir), qc, dtype=torch.float32, device="cpu")  # bf16 on CPU: very slow
+        t0 = time.perf_counter()
+        model.quantize(calib, batch_size=batch_size, calibration_sort=None)
+        times.append(time.perf_counter() - t0)
+        model.save(job.out_dir)
+        del model
+    return times
+
+
+def _main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model_dir")
+    ap.add_argument("tokens", help="a torch.save'd [n, t] int64 tensor of token ids")
+    ap.add_argument("jobs", help="JSON list of GPTQModelJob fields")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    a = ap.parse_args()
+    patch_cpu_count()
+    import torch
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    jobs = [GPTQModelJob(**j) for j in json.loads(a.jobs)]
+    print(json.dumps(run_jobs(a.model_dir, torch.load(a.tokens), jobs, batch_size=a.batch_size)))
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,261 @@
+"""modulora_core.plan: exact packed sizes, model shapes, the activation model against counted tensors, the
+components and their total, bad input, and `modulora plan`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import typer
+from transformers import LlamaConfig, LlamaForCausalLM
+from typer.testing import CliRunner
+
+import modulora
+from modulora_core.cli import plan as plan_cli
+from modulora_core.errors import InvalidWeightError, ModuLoRAError, UnknownQuantizerError
+from modulora_core.memtrace import PeakTracker, peak_bytes
+from modulora_core.plan import parse_size, plan
+from modulora_core.plan_shapes import BUILTIN_MODELS, model_config, model_shapes
+from modulora_core.quantizer import Quantizer
+
+MiB = 1 << 20
+TINY = {"hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 3, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 512, "tie_word_embeddings": False}
+
+
+def tiny_config(**kw) -> LlamaConfig:
+    return LlamaConfig(**{**TINY, **kw}, architectures=["LlamaForCausalLM"])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# -- exact packed sizes -------------------------------------------------------------------------------------
+SHAPES = [(64, 128), (48, 192), (8, 200), (3, 72)]
+CALIBRATION_FREE = ["rtn-2bit", "rtn-3bit", "rtn-4bit", "rtn-8bit", "nf4", "nf4-nodq", "fp4", "hqq-1bit",
+                    "hqq-2bit", "hqq-3bit", "hqq-4bit", "hqq-8bit"]
+
+
+def _installed(name: str) -> modulora.BoundQuantizer:
+    if name not in modulora.available_quantizers():
+        pytest.skip(f"{name} is not installed")
+    return modulora.get_quantizer(name)
+
+
+def _fits(bq: modulora.BoundQuantizer, shape: tuple[int, int]) -> bool:
+    caps = bq.capabilities()
+    return shape[0] % caps.out_multiple == 0 and shape[1] % caps.in_multiple == 0
+
+
+@pytest.mark.parametrize("name", CALIBRATION_FREE)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_packed_nbytes_equals_real_quantize_and_pack(name: str, shape: tuple[int, int]) -> None:
+    bq = _installed(name)
+    if not _fits(bq, shape):
+        with pytest.raises(InvalidWeightError):
+            bq.quantizer.packed_nbytes(shape, bq.config)
+        return
+    real = bq.quantize(torch.randn(*shape)).nbytes()
+    assert bq.quantizer.packed_nbytes(shape, bq.config) == real
+    # the protocol's default (meta device, else a random weight) is exact too
+    assert Quantizer.packed_nbytes(bq.quantizer, shape, bq.config) == real
+
+
+@pytest.mark.parametrize("name", ["optq-2bit", "optq-3bit", "optq-4bit", "quip#-2bit", "quip#-4bit"])
+def test_packed_nbytes_of_calibrating_quantizers(name: str) -> None:
+    bq = _installed(name)
+    shape = (64, 256)
+    real = bq.quantize(torch.randn(*shape), torch.eye(shape[1])).nbytes()
+    assert bq.quantizer.packed_nbytes(shape, bq.config) == real
+
+
+def test_packed_nbytes_needs_no_memory_for_65b_shapes() -> None:
+    bq = modulora.get_quantizer("rtn-2bit")
+    n = bq.quantizer.packed_nbytes((22016, 8192), bq.config)
+    assert n == 22016 * (8192 // 8 * 2 + 8192 // 64 * 3)  # codes + fp16 scale + uint8 zero per 64
+
+
+# -- model shapes -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name,params", [("llama-7b", 6_738_415_616), ("llama-65b", 65_285_660_672),
+                                         ("smollm2-135m", 134_515_008), ("llama-2-70b", 68_976_648_192)])
+def test_builtin_shapes_have_the_published_parameter_counts(name: str, params: int) -> None:
+    shapes = model_shapes(model_config(name), None)
+    assert shapes.n_params == params
+    assert len(shapes.targets) == 7 * BUILTIN_MODELS[name]["num_hidden_layers"]
+
+
+def test_tied_embeddings_counted_once_and_shapes_from_a_config_dir(tmp_path) -> None:
+    tiny_config(tie_word_embeddings=True).save_pretrained(tmp_path)
+    for source in (tmp_path, tmp_path / "config.json", str(tmp_path)):
+        shapes = model_shapes(model_config(source), ["q_proj", "v_proj"])
+        assert [t.leaf for t in shapes.targets] == ["q_proj", "v_proj"] * 3
+        assert "lm_head.weight" not in shapes.dense_params  # tied to the embeddings: counted once
+        # the untargeted linears stay dense
+        assert shapes.dense_params["model.layers.0.mlp.down_proj.weight"] == 128 * 352
+
+
+def test_builtin_smollm2_matches_the_real_config() -> None:
+    from modulora_core.pretrained import cache_dir
+
+    real = cache_dir() / "smollm2-135m-instruct"
+    if not (real / "config.json").is_file():
+        pytest.skip("the SmolLM2 checkpoint is not converted on this machine")
+    a, b = model_shapes(model_config(real), None), model_shapes(model_config("smollm2-135m"), None)
+    assert a.n_params == b.n_params and a.targets == b.targets
+    assert (a.num_kv_heads, a.head_dim, a.vocab_size) == (b.num_kv_heads, b.head_dim, b.vocab_size)
+
+
+# -- the activation model against the tensors a real step holds ---------------------------------------------
+def _measured_peak(cfg: LlamaConfig, preset: str, batch: int, seq: int, dtype: torch.dtype,
+                   lora: modulora.LoraConfig, checkpointing: bool) -> int:
+    """Bytes of every tensor alive at the peak of a training step (after a warm-up step), exactly."""
+    torch.manual_seed(0)
+    model = modulora.load(LlamaForCausalLM(cfg).to(dtype), preset, lora=lora)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    ids = torch.randint(cfg.vocab_size, (batch, seq))
+
+    def step() -> None:
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    held = [*model.parameters(), *model.buffers(), *(s for p in params for s in opt.state[p].values())]
+    with PeakTracker() as pt:
+        pt.note_existing(*held)
+        step()
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in held}.values()) + pt.peak
+
+
+@pytest.mark.parametrize("case", [
+    {"preset": "rtn-4bit", "dtype": "float32"},
+    {"preset": "rtn-2bit", "dtype": "bfloat16", "dropout": 0.1},
+    {"preset": "nf4", "dtype": "float32", "checkpointing": True},
+    {"preset": "rtn-3bit", "dtype": "float32", "targets": ["q_proj", "v_proj"]},
+], ids=lambda c: "-".join(str(v) for v in c.values()))
+def test_prediction_within_5_percent_of_counted_tensors(case: dict) -> None:
+    cfg = tiny_config()
+    lora = modulora.LoraConfig(r=8, dropout=case.get("dropout", 0.0), target_modules=case.get("targets"))
+    ckpt = case.get("checkpointing", False)
+    dtype = getattr(torch, case["dtype"])
+    # 256 tokens: enough for the activations to outweigh the LoRA gradients, which the plan counts whole
+    # although at the peak only the last layer's exist
+    measured = _measured_peak(cfg, case["preset"], 4, 64, dtype, lora, ckpt)
+    p = plan(cfg, case["preset"], batch_size=4, seq_len=64, lora=lora, dtype=case["dtype"],
+             gradient_checkpointing=ckpt, runtime_bytes=0)
+    assert abs(p.total - measured) <= 0.05 * measured, (p.total, measured, str(p))
+
+
+# -- components and totals ----------------------------------------------------------------------------------
+def test_components_sum_to_the_total_and_one_transient_counts() -> None:
+    for kw in ({}, {"gradient_checkpointing": True}, {"chunk_rows": 64}, {"batch_size": 8, "seq_len": 512}):
+        p = plan(tiny_config(), "rtn-4bit", **kw)
+        assert p.total == sum(c.nbytes for c in p.components if c.counted)
+        assert sum(p.component(k).counted for k in ("loss", "layer_backward")) == 1
+        assert all(c.nbytes >= 0 for c in p.components)
+        d = p.to_dict()
+        assert d["total_bytes"] == p.total and len(d["components"]) == 7
+        json.dumps(d)
+
+
+def test_packed_component_is_the_sum_of_exact_sizes_and_dense_has_no_packing() -> None:
+    cfg = tiny_config()
+    shapes = model_shapes(cfg, None)
+    bq = modulora.get_quantizer("rtn-3bit")
+    expected = sum(bq.quantize(torch.randn(t.out_features, t.in_features)).nbytes() for t in shapes.targets)
+    assert plan(cfg, "rtn-3bit").component("packed").nbytes == expected
+    dense = plan(cfg, "dense", dtype="bfloat16")
+    assert dense.component("packed").nbytes == sum(2 * t.out_features * t.in_features for t in shapes.targets)
+
+
+def test_per_module_quantizers_and_chunking_and_checkpointing_shrink_what_they_should() -> None:
+    cfg = tiny_config()
+    mixed = plan(cfg, {"down_proj": "rtn-4bit", "*": "rtn-2bit"}).component("packed").nbytes
+    two, four = plan(cfg, "rtn-2bit").component("packed").nbytes, plan(cfg, "rtn-4bit").component("packed").nbytes
+    assert two < mixed < four
+    big = {"batch_size": 4, "seq_len": 256}
+    assert plan(cfg, "rtn-4bit", gradient_checkpointing=True, **big).component("activations").nbytes < \
+        plan(cfg, "rtn-4bit", **big).component("activations").nbytes
+    whole = plan("llama-7b", "rtn-4bit", seq_len=16).component("layer_backward").nbytes
+    tiled = plan("llama-7b", "rtn-4bit", seq_len=16, chunk_rows=256).component("layer_backward").nbytes
+    assert tiled < whole / 4
+
+
+def test_budget_verdict() -> None:
+    assert plan(tiny_config(), "rtn-4bit", budget="1TB").fits is True
+    p = plan(tiny_config(), "rtn-4bit", budget="1MiB")
+    assert p.fits is False and p.budget == MiB
+    assert plan(tiny_config(), "rtn-4bit").fits is None
+
+
+@pytest.mark.parametrize("text,value", [("24GB", 24 * 10**9), ("24GiB", 24 << 30), ("1.5 gib", 3 << 29),
+                                        ("512MiB", 512 << 20), (" 100 ", 100), (2048, 2048)])
+def test_parse_size(text, value) -> None:
+    assert parse_size(text) == value
+
+
+# -- bad input ----------------------------------------------------------------------------------------------
+def test_bad_inputs_give_clear_errors() -> None:
+    with pytest.raises(ModuLoRAError, match=r"unknown model 'llama-8b'.*llama-7b"):
+        plan("llama-8b")
+    with pytest.raises(UnknownQuantizerError, match="unknown quantizer 'rtn-5bit'"):
+        plan(tiny_config(), "rtn-5bit")
+    with pytest.raises(ModuLoRAError, match="cannot read the memory size '24 parsecs'.*GiB"):
+        plan(tiny_config(), budget="24 parsecs")
+    with pytest.raises(ModuLoRAError, match="batch_size must be a positive int"):
+        plan(tiny_config(), batch_size=0)
+    with pytest.raises(ModuLoRAError, match="unknown optimizer 'lion'"):
+        plan(tiny_config(), optimizer="lion")
+    with pytest.raises(ModuLoRAError, match="no quantizer for module .*catch-all"):
+        plan(tiny_config(), {"down_proj": "rtn-4bit"})
+    with pytest.raises(ModuLoRAError, match="unknown dtype 'float8'"):
+        plan(tiny_config(), dtype="float8")
+    with pytest.raises(ModuLoRAError, match="a memory size must be positive"):
+        parse_size("0GB")
+
+
+# -- the memory tracker -------------------------------------------------------------------------------------
+def test_peak_tracker_counts_storages_once_and_frees() -> None:
+    def work() -> torch.Tensor:
+        a = torch.ones(1024, 256)  # 1 MiB
+        b = a.view(256, 1024).t()  # a view: free
+        c = b.contiguous()  # a copy: 1 MiB more
+        del a, b
+        return c.add_(1)  # in place: free
+
+    peak, out = peak_bytes(work)
+    assert peak == 2 * MiB and out.shape == (1024, 256)
+
+
+# -- the command --------------------------------------------------------------------------------------------
+def _app() -> typer.Typer:
+    app = typer.Typer()
+    plan_cli.register(app)
+    app.command("noop")(lambda: None)  # with one command typer would drop the command name
+    return app
+
+
+def test_cli_json_and_exit_status(tmp_path) -> None:
+    tiny_config().save_pretrained(tmp_path)
+    runner = CliRunner()
+    res = runner.invoke(_app(), ["plan", str(tmp_path), "-q", "rtn-2bit", "--module", "down_proj=rtn-4bit",
+                                 "--budget", "100GB", "--json"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.output)
+    assert d["fits"] is True and d["quantizer"] == "rtn-2bit, rtn-4bit"
+    res = runner.invoke(_app(), ["plan", str(tmp_path), "--budget", "1MiB"], env={"COLUMNS": "200"})
+    assert res.exit_code == 1 and "does not fit" in res.output and "total (peak)" in res.output
+    res = runner.invoke(_app(), ["plan", "llama-8b"])
+    assert res.exit_code == 2 and "unknown model 'llama-8b'" in res.output
+    res = runner.invoke(_app(), ["plan", str(tmp_path), "--budget", "24 parsecs"])
+    assert res.exit_code == 2 and "cannot read the memory size" in res.output

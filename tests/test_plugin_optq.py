@@ -1,0 +1,353 @@
+"""modulora_plugin_optq: GPTQ math, GPTQ v1 packing, and checkpoint interop with GPTQModel and transformers.
+
+The interop tests run GPTQModel in one subprocess (this file as a script, below): it quantizes a tiny Llama
+itself, and loads those checkpoints and ours through transformers (optimum + gptqmodel), recording logits
+and the fp16 weights its kernels dequantize. They are skipped with a reason when those are not installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import modulora
+from modulora_core import CheckpointError, InvalidWeightError, QuantizerConfigError
+from modulora_core.testing import QuantizerConformance
+from modulora_core.testing.weights import gaussian_weight, synthetic_hessian
+from modulora_plugin_optq import OPTQConfig, OPTQQuantizer
+from modulora_plugin_optq.gptq import group_params
+from modulora_plugin_optq.packing import pack_rows, unpack_rows, zeros_v1_to_v2, zeros_v2_to_v1
+
+Q = OPTQQuantizer()
+HAVE_GPTQ = all(importlib.util.find_spec(m) for m in ("gptqmodel", "optimum"))
+NEEDS_GPTQ = pytest.mark.skipif(not HAVE_GPTQ, reason="GPTQModel and optimum are not installed "
+                                "(pip install 'modulora[gptq]' optimum)")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls on a shared CPU: OpenMP hand-offs cost more than the work
+    yield
+    torch.set_num_threads(n)
+
+
+class TestActOrderAsym3bit(QuantizerConformance):
+    quantizer = OPTQConfig(bits=3, group_size=32, sym=False, desc_act=True)  # non-monotonic g_idx
+
+
+class TestStaticWholeRow8bit(QuantizerConformance):
+    quantizer = OPTQConfig(bits=8, group_size=-1, desc_act=True, static_groups=True)
+
+
+# -- packing -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("n", [1, 31, 32, 100, 576])
+def test_pack_round_trip(bits, n):
+    v = torch.randint(0, 1 << bits, (n, 3), generator=torch.Generator().manual_seed(n))
+    words = pack_rows(v, bits)
+    assert words.dtype == torch.int32 and words.shape == (-(-n * bits // 32), 3)
+    assert torch.equal(unpack_rows(words, bits, n).long(), v)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_values_sit_in_a_little_endian_bit_stream(bits):
+    # value k occupies bits [bits*k, bits*k + bits) of the words, read least significant bit first
+    v = torch.randint(0, 1 << bits, (64, 1), generator=torch.Generator().manual_seed(bits))
+    words = pack_rows(v, bits)[:, 0].tolist()
+    stream = "".join(format(w & 0xFFFFFFFF, "032b")[::-1] for w in words)
+    assert [int(stream[bits * k: bits * k + bits][::-1], 2) for k in range(64)] == v[:, 0].tolist()
+
+
+def test_v1_zeros_store_zero_minus_one():
+    z = torch.full((2, 8), 8)  # symmetric 4-bit: zero 8 is stored as 7 in every nibble
+    assert zeros_v2_to_v1(z, 4).tolist() == [[0x77777777]] * 2
+    for bits in (2, 3, 4, 8):  # a zero of 0 borrows from its neighbour in v1 and carries back exactly
+        z = torch.randint(0, 1 << bits, (3, 70), generator=torch.Generator().manual_seed(bits))
+        z[:, ::5] = 0
+        assert torch.equal(zeros_v1_to_v2(zeros_v2_to_v1(z, bits), bits, 70).long(), z)
+
+
+# -- the algorithm ---------------------------------------------------------------------------------------------
+def rtn(w: torch.Tensor, bits: int, gs: int) -> torch.Tensor:
+    out = torch.empty_like(w)
+    for a in range(0, w.shape[1], gs):
+        s, z = group_params(w[:, a:a + gs], bits, True)
+        q = torch.clamp(torch.round(w[:, a:a + gs] / s[:, None]) + z[:, None], 0, (1 << bits) - 1)
+        out[:, a:a + gs] = s[:, None] * (q - z[:, None])
+    return out
+
+
+def dense(cfg: OPTQConfig, w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    return Q.materialize(Q.quantize_weight(w, cfg, h), dtype=torch.float32)
+
+
+def test_identity_hessian_is_round_to_nearest():
+    # no correlation between inputs: no error is fed forward, so GPTQ rounds each weight to nearest
+    w = gaussian_weight((48, 256), 0)
+    torch.testing.assert_close(dense(OPTQConfig(bits=3, group_size=64), w, torch.eye(256)), rtn(w, 3, 64),
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("desc_act", [False, True])
+def test_gptq_beats_round_to_nearest_on_the_output_error(bits, desc_act):
+    w, h = gaussian_weight((96, 256), 1), synthetic_hessian(256, 1)
+
+    def out_err(a: torch.Tensor) -> float:
+        return float(torch.trace((w - a) @ h @ (w - a).T))
+
+    g = out_err(dense(OPTQConfig(bits=bits, desc_act=desc_act), w, h))
+    assert g < 0.85 * out_err(rtn(w, bits, 128))
+
+
+def test_act_order_g_idx():
+    w, h = gaussian_weight((32, 256), 2), synthetic_hessian(256, 2)
+    dyn = Q.quantize_weight(w, OPTQConfig(bits=4, group_size=64, desc_act=True), h).tensors["g_idx"]
+    perm = torch.argsort(h.diagonal(), descending=True, stable=True)
+    assert torch.equal(dyn[perm], (torch.arange(256) // 64).int())  # groups follow the act order
+    assert bool((dyn[1:] < dyn[:-1]).any())  # so g_idx is not monotonic
+    static = Q.quantize_weight(w, OPTQConfig(bits=4, group_size=64, desc_act=True, static_groups=True), h)
+    assert torch.equal(static.tensors["g_idx"], (torch.arange(256) // 64).int())
+
+
+def test_dead_inputs_become_zero_columns():
+    w, h = gaussian_weight((32, 128), 3), synthetic_hessian(128, 3)
+    dead = torch.tensor([0, 5, 77])
+    h[dead, :] = 0
+    h[:, dead] = 0
+    q = dense(OPTQConfig(bits=4, group_size=32, desc_act=True), w, h)
+    assert bool(torch.isfinite(q).all()) and bool((q[:, dead] == 0).all())
+
+
+def test_group_size_not_dividing_in_features_gives_a_smaller_last_group():
+    w, h = gaussian_weight((40, 96), 4), synthetic_hessian(96, 4)  # 96 = 64 + 32
+    p = Q.quantize_weight(w, OPTQConfig(bits=4, group_size=64), h)
+    assert p.tensors["scales"].shape == (2, 40) and p.tensors["qweight"].shape == (12, 40)
+    assert Q.packed_nbytes((40, 96), p.config) == p.nbytes()
+    assert float((dense(OPTQConfig(bits=4, group_size=64), w, h) - w).norm() / w.norm()) < 0.2
+
+
+def test_bad_input_is_a_clear_error():
+    w, h = gaussian_weight((16, 64), 5), synthetic_hessian(64, 5)
+    with pytest.raises(QuantizerConfigError, match="bits"):
+        OPTQConfig.from_json({"family": "optq", "bits": 5})
+    with pytest.raises(QuantizerConfigError, match="group_size"):
+        OPTQConfig.from_json({"family": "optq", "group_size": 48})
+    with pytest.raises(QuantizerConfigError, match="damp_percent"):
+        OPTQConfig.from_json({"family": "optq", "damp_percent": 0})
+    cfg = OPTQConfig()
+    with pytest.raises(InvalidWeightError, match="needs calibration"):
+        Q.quantize_weight(w, cfg, None)
+    with pytest.raises(InvalidWeightError, match="NaN/inf"):
+        Q.quantize_weight(w, cfg, torch.full_like(h, float("nan")))
+    bad = h.clone()
+    bad[3, 3] = -1.0
+    with pytest.raises(InvalidWeightError, match="negative diagonal"):
+        Q.quantize_weight(w, cfg, bad)
+    with pytest.raises(InvalidWeightError, match="not positive definite"):
+        Q.quantize_weight(w, cfg, _indefinite(64))
+
+
+def _indefinite(n: int) -> torch.Tensor:
+    """Diagonal 1, off-diagonal -10: a negative eigenvalue of 11 - 10 n that 1% dampening cannot lift."""
+    return 11 * torch.eye(n) - 10 * torch.ones(n, n)
+
+
+# -- checkpoints ---------------------------------------------------------------------------------------------
+def tiny_llama() -> LlamaForCausalLM:
+    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=256, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def byte_tokenizer():
+    """A one-token-per-byte tokenizer (ids 0..255), built offline."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel({chr(i): i for i in range(256)}, unk_token=chr(0)))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token=chr(0), pad_token=chr(0))
+
+
+CALIB = torch.randint(0, 256, (16, 64), generator=torch.Generator().manual_seed(0))
+IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+
+
+def logits(model, ids=IDS) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.fixture(scope="module")
+def ours(tmp_path_factory):
+    """A tiny Llama quantized here with optq 4-bit, group 32, act-order, saved as GPTQ; and its dense dir."""
+    root = tmp_path_factory.mktemp("optq")
+    tiny_llama().save_pretrained(root / "dense")
+    byte_tokenizer().save_pretrained(root / "dense")  # GPTQModel loads the model's tokenizer
+    model = modulora.load(root / "dense", OPTQConfig(bits=4, group_size=32, desc_act=True), calibration=CALIB)
+    modulora.save_quantized(model, root / "gptq", format="gptq")
+    return root, model
+
+
+def test_saved_gptq_checkpoint_is_read_back_bit_for_bit(ours):
+    root, model = ours
+    qc = json.loads((root / "gptq" / "config.json").read_text())["quantization_config"]
+    assert (qc["quant_method"], qc["bits"], qc["group_size"], qc["desc_act"], qc["sym"]) == ("gptq", 4, 32, True, True)
+    back = modulora.load(root / "gptq")  # claimed by the optq plugin: no quantizer name, no re-quantizing
+    assert back.modulora_info.family == "optq"
+    for name, m in modulora.iter_modulora_layers(model):
+        b = back.get_submodule(name)
+        for k, t in m.packed.tensors.items():
+            assert torch.equal(b.packed.tensors[k], t), f"{name}.{k}"
+    torch.testing.assert_close(logits(back), logits(model), rtol=0, atol=0)
+    assert all(p.requires_grad for p in modulora.lora_parameters(back))
+    back.train()
+    loss = back(IDS, labels=IDS).loss
+    loss.backward()
+    assert all(p.grad is not None for p in modulora.lora_parameters(back))
+
+
+def test_gptq_format_needs_optq_layers(ours, tmp_path):
+    rtn = modulora.load(tiny_llama(), "rtn-4bit")
+    with pytest.raises(CheckpointError, match="whose plugin writes no other format"):
+        modulora.save_quantized(rtn, tmp_path, format="gptq")
+    with pytest.raises(CheckpointError, match=r"writes \['gptq'\]"):
+        modulora.save_quantized(ours[1], tmp_path, format="awq")
+
+
+def test_broken_gptq_checkpoints_are_clear_errors(ours, tmp_path):
+    root, _ = ours
+    import shutil
+
+    bad = tmp_path / "fmt"
+    shutil.copytree(root / "gptq", bad)
+    conf = json.loads((bad / "config.json").read_text())
+    conf["quantization_config"]["checkpoint_format"] = "marlin"
+    (bad / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(CheckpointError, match="checkpoint_format 'marlin'"):
+        modulora.load(bad)
+    shape = tmp_path / "shape"
+    shutil.copytree(root / "gptq", shape)
+    t = load_file(shape / "model.safetensors")
+    t["model.layers.0.mlp.up_proj.qweight"] = t["model.layers.0.mlp.up_proj.qweight"][:-1].contiguous()
+    from safetensors.torch import save_file
+
+    save_file(t, shape / "model.safetensors")
+    with pytest.raises(CheckpointError, match="qweight"):
+        modulora.load(shape)
+
+
+# -- interop with GPTQModel and transformers (one subprocess) ---------------------------------------------------
+JOBS = {"g4": dict(bits=4, group_size=32), "g3": dict(bits=3, group_size=32, sym=False, desc_act=True)}
+
+
+@pytest.fixture(scope="module")
+def reference(ours):
+    """GPTQModel's checkpoints of the same tiny Llama, and what transformers computes from those and ours."""
+    root, _ = ours
+    torch.save(CALIB, root / "calib.pt")
+    torch.save(IDS, root / "ids.pt")
+    proc = subprocess.run([sys.executable, __file__, str(root)], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root, torch.load(root / "reference.pt")
+
+
+@NEEDS_GPTQ
+@pytest.mark.parametrize("job", sorted(JOBS))
+def test_gptqmodel_checkpoint_loads_as_written_and_as_it_dequantizes(reference, job):
+    root, ref = reference
+    model = modulora.load(root / job)
+    files = load_file(root / job / "model.safetensors")
+    layers = dict(modulora.iter_modulora_layers(model))
+    assert len(layers) == 14
+    for name, m in layers.items():
+        for k, t in m.packed.tensors.items():
+            assert torch.equal(t, files[f"{name}.{k}"]), f"{name}.{k} is not the file's tensor"
+        # transformers + GPTQModel dequantize in float16: ours, asked for float16, is the same to the bit
+        torch.testing.assert_close(m.dense_weight(torch.float16), ref[job]["weights"][name], rtol=0, atol=0)
+    if job == "g3":
+        assert any(bool((m.packed.tensors["g_idx"].diff() < 0).any()) for m in layers.values())
+    out = logits(model.float())
+    # float32 here, float16-rounded weights there: the weights above are the exact check
+    torch.testing.assert_close(out, ref[job]["logits"], rtol=0, atol=1e-2 * float(out.abs().max()))
+
+
+@NEEDS_GPTQ
+def test_transformers_loads_our_gptq_checkpoint_with_the_same_weights_and_logits(reference, ours):
+    root, ref = reference
+    _, model = ours
+    for name, m in modulora.iter_modulora_layers(model):
+        torch.testing.assert_close(m.dense_weight(torch.float16), ref["gptq"]["weights"][name], rtol=0, atol=0)
+    out = logits(model)
+    torch.testing.assert_close(out, ref["gptq"]["logits"], rtol=0, atol=1e-2 * float(out.abs().max()))
+
+
+# -- the real model ------------------------------------------------------------------------------------------
+def test_smollm2_block_0_beats_round_to_nearest_on_real_activations():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from modulora_core.calibrate import quantize_blockwise
+    from modulora_core.calibration_data import Calibration, calibration_tokens
+    from modulora_core.data import docstring_splits
+    from modulora_core.pretrained import SMOLLM2_NAME, cache_dir
+
+    d = cache_dir() / SMOLLM2_NAME
+    if not (d / "model.safetensors").is_file():
+        pytest.skip(f"SmolLM2 is not converted in {cache_dir()} (set MODULORA_CACHE, or run "
+                    "modulora_core.pretrained.smollm2_dir() once); the unit suite does not download it")
+    tok = AutoTokenizer.from_pretrained(d)
+    text = "\n\n".join(x.doc for x in docstring_splits()["train"][:60])
+    cal = Calibration([text], n_samples=8, seq_len=128, tokenizer=tok, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    names = [f"model.layers.0.{p}" for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                             "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    hessians: dict[str, torch.Tensor] = {}
+    quantize_blockwise(model, names, calibration_tokens(cal), lambda n, h: hessians.__setitem__(n, h), cal)
+    for n in names:  # the layer output error on the calibration activations, GPTQ against RTN
+        w, h = model.get_submodule(n).weight.detach(), hessians[n].double()
+
+        def out_err(q: torch.Tensor, w=w, h=h) -> float:
+            e = (w - q).double()
+            return float(torch.trace(e @ h @ e.T))
+
+        assert out_err(dense(OPTQConfig(bits=4), w, hessians[n])) < 0.5 * out_err(rtn(w, 4, 128)), n
+    q = modulora.load(model, "optq-3bit", calibration=cal, lora=modulora.LoraConfig(target_modules=names))
+    assert sorted(n for n, _ in modulora.iter_modulora_layers(q)) == sorted(names)
+
+
+# -- the subprocess: GPTQModel + transformers ------------------------------------------------------------------
+def _reference_main(root: Path) -> None:
+    from modulora_plugin_optq.gptqmodel_ref import GPTQModelJob, patch_cpu_count, run_jobs
+
+    patch_cpu_count()  # GPTQModel refuses fewer than 4 CPUs
+    torch.set_num_threads(1)
+    jobs = [GPTQModelJob(str(root / name), **kw) for name, kw in JOBS.items()]
+    run_jobs(root / "dense", torch.load(root / "calib.pt"), jobs, batch_size=4)
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.load(root / "ids.pt")
+    out = {}
+    for name in [*JOBS, "gptq"]:
+        m = AutoModelForCausalLM.from_pretrained(root / name, dtype=torch.float32, device_map="cpu").eval()
+        weights = {n: mod.dequantize_weight().T.contiguous() for n, mod in m.named_modules()
+                   if hasattr(mod, "dequantize_weight") and hasattr(mod, "qweight")}
+        with torch.no_grad():
+            out[name] = {"logits": m(ids).logits, "weights": weights}
+    torch.save(out, root / "reference.pt")
+
+
+if __name__ == "__main__":
+    _reference_main(Path(sys.argv[1]))
