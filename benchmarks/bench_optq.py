@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -56,6 +57,28 @@ def dense_model(d: Path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
 
 
+def run_ours(d: Path, calib: torch.Tensor, eval_win: torch.Tensor, bits: int, act: bool,
+             batch_size: int) -> tuple[float, float]:
+    """(seconds to quantize a loaded model, held-out perplexity) of our OPTQ."""
+    model = dense_model(d)
+    t0 = time.perf_counter()
+    q = modulora.load(model, OPTQConfig(bits=bits, group_size=128, desc_act=act),
+                      calibration=Calibration(calib, batch_size=batch_size, progress=False))
+    return time.perf_counter() - t0, perplexity(q, eval_win)
+
+
+def run_gptqmodel(d: Path, calib: torch.Tensor, eval_win: torch.Tensor, configs: list[tuple[int, bool]],
+                  batch_size: int, threads: int) -> list[tuple[float, float]]:
+    """(seconds, perplexity) of GPTQModel per configuration, all in one subprocess."""
+    with tempfile.TemporaryDirectory(prefix="bench-optq-") as tmp:
+        torch.save(calib, Path(tmp) / "calib.pt")
+        jobs = [GPTQModelJob(str(Path(tmp) / f"b{bits}a{int(act)}"), bits=bits, group_size=128, desc_act=act)
+                for bits, act in configs]
+        secs = quantize_with_gptqmodel(d, Path(tmp) / "calib.pt", jobs, batch_size=batch_size, threads=threads)
+        # our loader gives exactly the weights GPTQModel's kernels dequantize, computed in float32
+        return [(s, perplexity(modulora.load(j.out_dir).float(), eval_win)) for j, s in zip(jobs, secs, strict=True)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
@@ -63,6 +86,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--eval-tokens", type=int, default=32768)
     ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="calibration sets (disjoint windows of the train split); medians and ranges reported")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for both (1: a shared, busy CPU)")
     ap.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward, both")
     ap.add_argument("--no-gptqmodel", action="store_true")
@@ -76,11 +101,14 @@ def main() -> None:
 
     tok = AutoTokenizer.from_pretrained(d)
     calib_text, eval_text = texts()
-    calib = calibration_tokens(Calibration([calib_text], n_samples=a.n_samples, seq_len=a.seq_len, tokenizer=tok))
+    calib_all = calibration_tokens(Calibration([calib_text], n_samples=a.n_samples * a.repeats, seq_len=a.seq_len,
+                                               tokenizer=tok))
+    calibs = list(calib_all.split(a.n_samples))  # one disjoint calibration set per repeat
     eval_win = calibration_tokens(Calibration([eval_text], n_samples=a.eval_tokens // 512, seq_len=512,
                                               tokenizer=tok))
     configs = [(bits, act) for bits in a.bits for act in (False, True)]
-    rows: dict[tuple[int, bool], dict[str, float]] = {c: {} for c in configs}
+    res: dict[tuple[int, bool], dict[str, list[float]]] = {
+        c: {"ours_s": [], "ours_ppl": [], "ref_s": [], "ref_ppl": []} for c in configs}
 
     ppl_dense = perplexity(dense_model(d), eval_win)
     print(f"dense: ppl {ppl_dense:.3f}", flush=True)
@@ -91,64 +119,65 @@ def main() -> None:
         rtn[bits] = perplexity(modulora.load(dense_model(d), RTNConfig(bits=bits, group_size=128, symmetric=True)),
                                eval_win)
         print(f"rtn {bits}-bit: ppl {rtn[bits]:.3f}", flush=True)
-    for bits, act in configs:
-        model = dense_model(d)
-        t0 = time.perf_counter()
-        q = modulora.load(model, OPTQConfig(bits=bits, group_size=128, desc_act=act),
-                          calibration=Calibration(calib, batch_size=a.batch_size, progress=False))
-        rows[(bits, act)]["ours_s"] = time.perf_counter() - t0
-        rows[(bits, act)]["ours_ppl"] = perplexity(q, eval_win)
-        print(f"ours {bits}-bit act={act}: {rows[(bits, act)]}", flush=True)
-        del q, model
-
     use_ref = gptqmodel_available() and not a.no_gptqmodel
-    if use_ref:
-        with tempfile.TemporaryDirectory(prefix="bench-optq-") as tmp:
-            torch.save(calib, Path(tmp) / "calib.pt")
-            jobs = [GPTQModelJob(str(Path(tmp) / f"b{bits}a{int(act)}"), bits=bits, group_size=128, desc_act=act)
-                    for bits, act in configs]
-            secs = quantize_with_gptqmodel(d, Path(tmp) / "calib.pt", jobs, batch_size=a.batch_size,
-                                           threads=a.threads)
-            for (bits, act), job, s in zip(configs, jobs, secs, strict=True):
-                rows[(bits, act)]["ref_s"] = s
-                # our loader: the weights GPTQModel's kernels dequantize, computed in float32
-                rows[(bits, act)]["ref_ppl"] = perplexity(modulora.load(job.out_dir).float(), eval_win)
-                print(f"GPTQModel {bits}-bit act={act}: {rows[(bits, act)]}", flush=True)
+    for r, calib in enumerate(calibs):
+        for c in configs:
+            sec, ppl = run_ours(d, calib, eval_win, *c, a.batch_size)
+            res[c]["ours_s"].append(sec)
+            res[c]["ours_ppl"].append(ppl)
+            print(f"set {r} ours {c}: {sec:.0f}s ppl {ppl:.3f}", flush=True)
+        if use_ref:
+            for c, (sec, ppl) in zip(configs, run_gptqmodel(d, calib, eval_win, configs, a.batch_size, a.threads),
+                                     strict=True):
+                res[c]["ref_s"].append(sec)
+                res[c]["ref_ppl"].append(ppl)
+                print(f"set {r} GPTQModel {c}: {sec:.0f}s ppl {ppl:.3f}", flush=True)
 
-    body = report(a, rows, ppl_dense, rtn, calib, eval_win, use_ref)
+    body = report(a, res, ppl_dense, rtn, calibs[0], eval_win, use_ref)
     print(body)
     if not a.no_write:
         from benchmarks.report import write_section
 
-        cmd = "python -m benchmarks.bench_optq" + (" --quick" if a.quick else "")
-        write_section("optq" + ("-quick" if a.quick else ""),
-                      "OPTQ on SmolLM2-135M: held-out perplexity and quantization time vs GPTQModel", cmd, body)
+        flags = (" --quick" if a.quick else "") + (f" --repeats {a.repeats}" if a.repeats > 1 else "")
+        if a.bits != [2, 3, 4]:
+            flags += " --bits " + " ".join(map(str, a.bits))
+        write_section("optq" + flags.replace(" --", "-").replace(" ", ""),
+                      "OPTQ on SmolLM2-135M: held-out perplexity and quantization time vs GPTQModel",
+                      "python -m benchmarks.bench_optq" + flags, body)
 
 
-def report(a: argparse.Namespace, rows: dict, ppl_dense: float, rtn: dict[int, float], calib: torch.Tensor,
+def report(a: argparse.Namespace, res: dict, ppl_dense: float, rtn: dict[int, float], calib: torch.Tensor,
            eval_win: torch.Tensor, use_ref: bool) -> str:
     """The markdown section: settings, the unquantized and RTN baselines, and one row per configuration."""
     import importlib.metadata as md
 
     ver = md.version("gptqmodel") if use_ref else "(not run)"
+    sets = (f"; {a.repeats} disjoint calibration sets, each cell the median [min - max] over them"
+            if a.repeats > 1 else "")
     head = (f"SmolLM2-135M-Instruct (float32), every decoder-block linear quantized, symmetric, group 128. "
-            f"Calibration: {calib.shape[0]} x {calib.shape[1]} tokens of the docstrings' train split; "
+            f"Calibration: {calib.shape[0]} x {calib.shape[1]} tokens of the docstrings' train split{sets}; "
             f"perplexity on {eval_win.numel()} held-out tokens (validation + test splits, windows of "
             f"{eval_win.shape[1]}). Times: quantizing a loaded model, {a.threads} torch thread(s), "
-            f"{a.batch_size} sequences per forward. GPTQModel {ver}.\n\n"
+            f"{a.batch_size} sequences per forward, ours and GPTQModel one after the other on a shared "
+            f"machine. GPTQModel {ver}.\n\n"
             f"Unquantized: perplexity **{ppl_dense:.3f}**. Round-to-nearest at the same storage: "
             + ", ".join(f"{b}-bit {p:.3f}" for b, p in rtn.items()) + ".\n\n")
     lines = ["| bits | act-order | ours ppl | GPTQModel ppl | ppl ours / theirs | ours s | GPTQModel s | "
              "time ours / theirs |", "|---|---|---|---|---|---|---|---|"]
 
-    def fmt(v: float | None, spec: str) -> str:
-        return "-" if v is None else format(v, spec)
+    def cell(v: list[float], spec: str) -> str:
+        if not v:
+            return "-"
+        med = format(statistics.median(v), spec)
+        return med if len(v) == 1 else f"{med} [{min(v):{spec}} - {max(v):{spec}}]"
 
-    for (bits, act), r in rows.items():
-        ref_p, ref_s = r.get("ref_ppl"), r.get("ref_s")
-        lines.append(f"| {bits} | {'on' if act else 'off'} | {r['ours_ppl']:.3f} | {fmt(ref_p, '.3f')} | "
-                     f"{fmt(ref_p and r['ours_ppl'] / ref_p, '.3f')} | {r['ours_s']:.0f} | {fmt(ref_s, '.0f')} | "
-                     f"{fmt(ref_s and r['ours_s'] / ref_s, '.2f')} |")
+    def ratio(x: list[float], y: list[float]) -> str:
+        return f"{statistics.median(x) / statistics.median(y):.3f}" if x and y else "-"
+
+    for (bits, act), r in res.items():
+        lines.append(f"| {bits} | {'on' if act else 'off'} | {cell(r['ours_ppl'], '.3f')} | "
+                     f"{cell(r['ref_ppl'], '.3f')} | {ratio(r['ours_ppl'], r['ref_ppl'])} | "
+                     f"{cell(r['ours_s'], '.0f')} | {cell(r['ref_s'], '.0f')} | {ratio(r['ours_s'], r['ref_s'])} |")
     return head + "\n".join(lines) + "\n"
 
 

@@ -58,7 +58,8 @@ def _first(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def capture_inputs(model: nn.Module, first_block: nn.Module, tokens: torch.Tensor, batch_size: int) -> list[_Batch]:
+def capture_inputs(model: nn.Module, first_block: nn.Module, tokens: torch.Tensor,
+                   batch_size: int) -> list[_Batch]:
     """Run the model on ``tokens`` ``[n, t]`` up to ``first_block`` and keep what it receives, per batch."""
     batches: list[_Batch] = []
 
@@ -117,7 +118,8 @@ def linear_stages(block: nn.Module, prefix: str, names: list[str], batch: _Batch
     return stages
 
 
-def accumulate_hessians(block: nn.Module, prefix: str, names: list[str], batches: list[_Batch]) -> dict[str, torch.Tensor]:
+def accumulate_hessians(block: nn.Module, prefix: str, names: list[str],
+                        batches: list[_Batch]) -> dict[str, torch.Tensor]:
     """``{name: X^T X / rows}`` ``[in, in]`` float32 over every batch, stopping each forward once all of
     ``names`` have seen their input."""
     sums: dict[str, torch.Tensor] = {}

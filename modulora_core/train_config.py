@@ -11,7 +11,7 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     learning_rate: float = Field(1e-3, gt=0, description="peak learning rate (AdamW)")
-    max_steps: int = Field(80, description="optimizer steps; <= 0: train --epochs epochs instead")
+    max_steps: int = Field(60, description="optimizer steps; <= 0: train --epochs epochs instead")
     epochs: float = Field(1.0, gt=0, description="epochs, when --max-steps <= 0")
     batch_size: int = Field(4, ge=1, description="examples per step and process")
     grad_accum: int = Field(1, ge=1, description="gradient accumulation steps")

