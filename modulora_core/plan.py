@@ -217,18 +217,22 @@ def fast_path_peak(bq: BoundQuantizer, out_f: int, in_f: int, tokens: int, dtype
     return math.ceil(peak * in_f / in0) + 2 * tokens * (in_f + out_f) * 4
 
 
-@functools.lru_cache(maxsize=64)
 def _small_packed(bq: BoundQuantizer, out_f: int, in_f: int) -> PackedWeight:
     """A real packed weight of 64 rows (or fewer) and ``in_f`` inputs, or about 1024 for quantizers that
-    need calibration (their cost grows with in^2)."""
+    need calibration (their cost grows with in^2; many layer widths then share one small weight)."""
     caps = bq.capabilities()
     r0 = max(caps.out_multiple, -(-min(out_f, 64) // caps.out_multiple) * caps.out_multiple)
     in0 = in_f
     if caps.needs_calibration and in_f > 1024:
         in0 = max(caps.in_multiple, 1024 // caps.in_multiple * caps.in_multiple)
+    return _random_packed(bq, r0, in0)
+
+
+@functools.lru_cache(maxsize=64)
+def _random_packed(bq: BoundQuantizer, rows: int, in_f: int) -> PackedWeight:
     gen = torch.Generator().manual_seed(0)
-    w = torch.randn(r0, in0, generator=gen) * in0**-0.5
-    return bq.quantize(w, torch.eye(in0) if caps.needs_calibration else None)
+    w = torch.randn(rows, in_f, generator=gen) * in_f**-0.5
+    return bq.quantize(w, torch.eye(in_f) if bq.capabilities().needs_calibration else None)
 
 
 def _dtype(x: str | torch.dtype, what: str) -> torch.dtype:
