@@ -17,7 +17,7 @@ from modulora_core.tiny import tiny_llama_dir
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "TRANSFORMERS_VERBOSITY": "error"}
 
 
-def modulora(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+def modulora(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
     p = subprocess.run([sys.executable, "-m", "modulora", *map(str, args)], capture_output=True, text=True,
                        env=ENV, timeout=timeout)
     if check and p.returncode != 0:
@@ -40,10 +40,8 @@ def data(tmp_path_factory) -> Path:
     return p
 
 
-@pytest.fixture(scope="module")
-def run(tiny, data, tmp_path_factory) -> Path:
+def finetune_and_resume(tiny: Path, data: Path, out: Path) -> Path:
     """A finetune of 4 steps with a checkpoint at 2, then resumed to 6 steps."""
-    out = tmp_path_factory.mktemp("run") / "out"
     common = ["--model", tiny, "--quantizer", "rtn-4bit", "--data", data, "--out", out, "--batch-size", "4",
               "--logging-steps", "1", "--save-steps", "2", "--eval-size", "4", "--lr", "5e-3"]
     p = modulora("finetune", *common, "--max-steps", "4")
@@ -57,7 +55,15 @@ def run(tiny, data, tmp_path_factory) -> Path:
     return out
 
 
-def test_finetune_writes_adapter_base_and_adapter_only_checkpoints(run):
+def test_finetune_resume_eval_generate_merge(tiny, data, tmp_path):
+    # one test, so that pytest-xdist runs the finetune once (a module fixture would run once per worker)
+    run = finetune_and_resume(tiny, data, tmp_path / "out")
+    _check_outputs(run)
+    _check_eval_generate_merge(run, data, tmp_path)
+    _check_adapter_for_another_quantizer_is_refused(run, tiny, tmp_path)
+
+
+def _check_outputs(run: Path) -> None:
     m = json.loads((run / "metrics.json").read_text())
     assert m["after"]["loss"] < m["before"]["loss"]
     assert (run / "adapter" / "adapter_config.json").is_file() and (run / "base" / "config.json").is_file()
@@ -68,7 +74,7 @@ def test_finetune_writes_adapter_base_and_adapter_only_checkpoints(run):
         assert not any(f.startswith("model") or f.startswith("modulora_model") for f in files), files
 
 
-def test_eval_generate_merge(run, data, tmp_path):
+def _check_eval_generate_merge(run: Path, data: Path, tmp_path: Path) -> None:
     e = modulora("eval", "--model", run / "base", "--adapter", run / "adapter", "--data", data, "--json")
     after = json.loads((run / "metrics.json").read_text())["after"]["loss"]
     assert json.loads(e.stdout)["loss"] == pytest.approx(after, rel=1e-4)
@@ -85,7 +91,7 @@ def test_eval_generate_merge(run, data, tmp_path):
     assert json.loads(e2.stdout)["loss"] == pytest.approx(after, rel=1e-3)
 
 
-def test_adapter_for_another_quantizer_is_refused(run, tiny, tmp_path):
+def _check_adapter_for_another_quantizer_is_refused(run: Path, tiny: Path, tmp_path: Path) -> None:
     modulora("quantize", tiny, "--quantizer", "nf4", "--out", tmp_path / "nf4")
     p = modulora("generate", "--model", tmp_path / "nf4", "--adapter", run / "adapter", "--prompt", "x", check=False)
     assert p.returncode == 2 and "error:" in p.stderr and "rtn-4bit" in p.stderr, p.stderr[-1500:]
