@@ -262,17 +262,12 @@ def paper_table() -> str:
     """The planner's LLaMA rows at the paper's setting, next to the paper's figures."""
     import modulora
     from modulora_core.plan import plan
-    from modulora_core.quantizer import Quantizer
 
-    # QuIP# (the paper's 2-bit) only if its plugin gives packed sizes by formula: the protocol's default
-    # would quantize every 65B-sized weight for real
-    quip = "quip#-2bit" in modulora.available_quantizers() and type(
-        modulora.get_quantizer("quip#-2bit").quantizer).packed_nbytes is not Quantizer.packed_nbytes
-    two_bit = "quip#-2bit" if quip else "rtn-2bit"
-    cols = [(two_bit, "float16"), ("rtn-3bit", "float16"), ("rtn-4bit", "float16"), ("nf4", "float16"),
-            ("dense", "float16"), ("dense", "float32")]
+    have = set(modulora.available_quantizers())
+    cols = [(q, "float16") for q in ("quip#-2bit", "optq-2bit", "rtn-2bit", "nf4") if q in have]
+    cols += [("dense", "float16"), ("dense", "float32")]
     head = ("| model | " + " | ".join(f"{q}{' fp32' if d == 'float32' else ''}" for q, d in cols)
-            + " | paper 2-bit | paper QLoRA 4-bit | paper fp LoRA |")
+            + " | paper: 2-bit | paper: QLoRA 4-bit | paper: fp LoRA |")
     lines = [head, "|" + "---|" * (len(cols) + 4)]
     for name in ("llama-7b", "llama-13b", "llama-30b", "llama-65b", "llama-2-70b"):
         preds = [plan(name, q, batch_size=1, seq_len=128, dtype=d, device="cuda").total / GiB for q, d in cols]
@@ -348,13 +343,15 @@ VALIDATION_INTRO = (
 PAPER_INTRO = (
     "Predicted peak GiB of one training step at the paper's setting: batch 1, sequence 128, float16 "
     "compute, LoRA r=8 (float32 LoRA weights, AdamW), `device=\"cuda\"` (a 0.5 GiB runtime allowance, "
-    "assumed, not measured: no GPU here). The paper's figures are peak GPU memory in GB (MNLI-m).\n\n")
+    "assumed, not measured: no GPU here); `dense` is plain LoRA on the dense model, its weights in float16 "
+    "or float32. The paper's figures are peak GPU memory in GB (MNLI-m); ours are GiB (2^30 bytes).\n\n")
 PAPER_NOTES = (
     "\nWhy ours differ: the paper's code put LoRA on q_proj and v_proj only (llmtools `finetune`), in "
     "float16; ours quantizes and adapts every decoder linear (target_modules says both) with float32 LoRA "
     "weights, whose inputs are cast to float32 and saved per linear: at 65B that is about 1.5 GiB of LoRA "
-    "state and 5 GiB of activations instead of 0.3 and 2.6. rtn-2bit stores 2.375 bits per weight (fp16 "
-    "scale + 8-bit zero per 64); the paper's 2-bit QuIP# about 2. The paper's fp LoRA figures exceed "
+    "state and 5.2 GiB of activations, against 0.3 and 2.7 GiB for float16 LoRA on q and v (by the same "
+    "model of saved tensors). quip#-2bit stores 2.00 bits per weight, optq-2bit "
+    "2.14, rtn-2bit 2.375 (an fp16 scale and an 8-bit zero per 64 weights). The paper's fp LoRA figures exceed "
     "float16 weights (7B: 38.4 GB > 13.5 GB of weights): its baseline evidently kept float32 weights.\n")
 
 

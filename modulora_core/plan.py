@@ -35,8 +35,8 @@ GiB = 1 << 30
 # Resident memory of the process itself: Python, torch, transformers, modulora, thread pools, allocator
 # slack. "cpu" is calibrated on this project's 2-core x86_64 runner (python -m benchmarks.bench_memory
 # --calibrate: the peak RSS of a training step of a tiny model, minus its predicted tensors: 420 MiB, the
-# same to 0.3 MiB over three runs). "cuda" is an assumption, not a measurement: a CUDA context and cuBLAS
-# workspaces, as reported for recent GPUs (no GPU was available to calibrate it).
+# same to 0.3 MiB over three runs). "cuda" is a guess, not a measurement, for a CUDA context and cuBLAS
+# workspaces (no GPU was available to calibrate it); pass runtime_bytes to use a measured one.
 RUNTIME_ALLOWANCE = {"cpu": 420 * (1 << 20), "cuda": 512 * (1 << 20)}
 # Plain PEFT LoRA ("dense") on CPU: get_peft_model imports every quantization backend it finds installed
 # (GPTQModel, torchao, bitsandbytes here), calibrated the same way: 596 MiB in all.

@@ -130,7 +130,7 @@ class QuipSharpQuantizer(Quantizer):
         if config.ldlq:
             h = inc.rotate_hessian(ldlq.damp_hessian(hessian, config.damp))
             u = ldlq.block_ldl(h)
-            if len(opt_scales) > 1:
+            if len(opt_scales) > 1:  # judged on the first rows: H_m mixed all rows, any are typical
                 cands = [float(torch.tensor(rms / o, dtype=torch.float32)) for o in opt_scales]
                 best = ldlq.pick_scale(w_rot, h, u, cands, lambda x: rvq.quantize(x, config.bits)[1])
                 opt_scales = (opt_scales[best],)
