@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import platform
 import tempfile
 from pathlib import Path
 
 REPORT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+# Raw results of each section, for benchmarks/plots.py (docs/data/<section>.json) and for readers
+DATA = REPORT.parent / "data"
 HEADER = "# Benchmarks\n\nEvery section is written by the script named in it; rerun that command to regenerate it.\n"
 
 
@@ -22,6 +25,28 @@ def machine() -> str:
             f"{_dt.date.today().isoformat()}")
 
 
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_data(name: str, command: str, rows: object, directory: Path = DATA) -> Path:
+    """Save the raw results of section ``name`` as ``docs/data/<name>.json`` (with machine and command)."""
+    path = directory / f"{name}.json"
+    payload = {"section": name, "command": command, "machine": machine(), "rows": rows}
+    _atomic_write(path, json.dumps(payload, indent=1, default=str) + "\n")
+    return path
+
+
+def read_data(name: str, directory: Path = DATA) -> dict | None:
+    """The payload :func:`write_data` saved for ``name``, or None when that benchmark has not been run."""
+    path = directory / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def write_section(name: str, title: str, command: str, body: str, path: Path = REPORT) -> None:
     """Replace (or append) the section ``name`` of the report with ``body`` under ``title``."""
     begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
@@ -33,8 +58,4 @@ def write_section(name: str, title: str, command: str, body: str, path: Path = R
         text = pre + block + post
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".benchmarks.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    _atomic_write(path, text)
