@@ -48,6 +48,16 @@ def _peft_model(path: str, qlora: bool):
                                                        bnb_4bit_use_double_quant=True,
                                                        bnb_4bit_compute_dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw)
+    if qlora:
+        import bitsandbytes as bnb
+
+        # On an AVX512-BF16 CPU, a Linear4bit's first no-grad eval forward repacks its weight for a bf16
+        # inference kernel and never unpacks it; training after that (after our "before" scoring) runs
+        # that kernel, which has no backward: LoRA gradients below each base linear are lost (measured:
+        # layer-0 LoRA grads 1e4x too small). Keep the standard, differentiable layout throughout.
+        for m in model.modules():
+            if isinstance(m, bnb.nn.Linear4bit):
+                m.support_avx512bf16_for_cpu = False
     torch.manual_seed(0)
     return get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS, lora_dropout=0.0,
                                             task_type="CAUSAL_LM"))
@@ -115,16 +125,39 @@ def _table(rows: list[dict], steps: int) -> str:
         lines.append(f"| {LABELS.get(r['config'], 'ModuLoRA ' + r['config'])} | {r['loss_before']:.3f} | "
                      f"{r['loss_after']:.3f} | {rel} | {r['rougeL_before']:.1f} | {r['rougeL_after']:.1f} | "
                      f"{r['s_per_step']:.2f} | {r['peak_rss_mib']:.0f} | {r['quantize_s']:.0f} |")
-    notes = []
-    if dense and "loss_after" in dense:
-        for r in rows:
-            if r.get("config", "").endswith("2bit") and "loss_after" in r:
-                gap = r["loss_before"] - dense["loss_before"]
-                closed = (r["loss_before"] - r["loss_after"]) / gap if gap > 0 else float("nan")
-                notes.append(f"{r['config']}: quantization raised the validation loss by {gap:.3f} over dense; "
-                             f"{steps} steps of finetuning took back {r['loss_before'] - r['loss_after']:.3f} "
-                             f"({100 * closed:.0f}% of that gap).")
+    notes = _target_notes(by, steps) if dense and "loss_after" in dense else []
     return "\n".join(lines) + ("\n\n" + "\n".join(f"- {n}" for n in notes) if notes else "")
+
+
+def _target_notes(by: dict[str, dict], steps: int) -> list[str]:
+    """Where each run stands against issue 6's targets: 4-bit within 1% of dense LoRA's validation loss;
+    2-bit finetuning recovers at least half the loss gap that 2-bit quantization opened over dense."""
+    dense, notes = by["dense"], []
+    for name, r in by.items():
+        if name.endswith("2bit") and "loss_after" in r:
+            gap = r["loss_before"] - dense["loss_before"]
+            drop = r["loss_before"] - r["loss_after"]
+            # Two readings of "recovers half the gap": the drop alone (which includes what dense LoRA also
+            # learns), and the gap left to dense LoRA after the same steps (only what 2-bit made up).
+            closed = drop / gap if gap > 0 else float("nan")
+            gap_after = r["loss_after"] - dense["loss_after"]
+            rel_closed = 1 - gap_after / gap if gap > 0 else float("nan")
+            verdict = lambda f: "meets" if f >= 0.5 else "misses"  # noqa: E731
+            notes.append(f"{name}: quantization raised the validation loss by {gap:.3f} over dense; {steps} steps "
+                         f"of finetuning took back {drop:.3f} ({100 * closed:.0f}% of that gap: {verdict(closed)} "
+                         f"the target of at least 50%); against dense LoRA after the same steps the gap went "
+                         f"from {gap:.3f} to {gap_after:.3f} ({100 * rel_closed:.0f}% closed: "
+                         f"{verdict(rel_closed)} it).")
+    four = [(n, r) for n, r in by.items() if (n.endswith("4bit") or "nf4" in n) and "loss_after" in r]
+    if four:
+        parts = []
+        for n, r in four:
+            rel = 100 * (r["loss_after"] / dense["loss_after"] - 1)
+            parts.append(f"{n} {rel:+.1f}% ({'within' if rel <= 1.0 else 'outside'} 1%)")
+        notes.append(f"4-bit vs dense LoRA, validation loss after {steps} steps (target for ModuLoRA 4-bit: "
+                     "within 1%; QLoRA for reference): "
+                     + ", ".join(parts) + ".")
+    return notes
 
 
 def main() -> None:
@@ -157,15 +190,19 @@ def _report(rows: list[dict], a: argparse.Namespace, steps: int, n_eval: int, n_
             f"loss (per answer token) and ROUGE-L (greedy, x100) on the first {n_eval} validation examples, "
             f"before and after finetuning. Calibration (quip#, optq): {n_cal} x {cal_len} tokens of the "
             f"docsum training text. s / step: training only. Peak RSS: the whole process (model, quantization, "
-            f"training, evaluation), each configuration in its own process.\n\n" + _table(rows, steps))
+            f"training, evaluation), each configuration in its own process. QLoRA: bitsandbytes' CPU bf16 "
+            f"repacking of 4-bit weights at the first no-grad forward is turned off, because the repacked kernel "
+            f"has no backward and training after the 'before' scoring lost most LoRA gradients.\n\n"
+            + _table(rows, steps))
     print(body)
     if not a.no_write:
-        from benchmarks.report import write_section
+        from benchmarks.report import write_data, write_section
 
         cmd = "python -m benchmarks.bench_finetune" + (" --quick" if a.quick else "")
         if a.configs != ",".join(CONFIGS):
             cmd += f" --configs {a.configs}"
         write_section("finetune", "Finetuning on docsum: dense LoRA, ModuLoRA, QLoRA", cmd, body)
+        write_data("finetune", cmd, rows)
 
 if __name__ == "__main__":
     main()

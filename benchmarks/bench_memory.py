@@ -8,8 +8,10 @@ freed blocks at once (as in bench_layer). Also reported: the peak bytes of live 
 (``modulora_core.memtrace``), which leaves out the runtime and the allocator. Predicted:
 ``modulora.plan(...)`` with the CPU runtime allowance.
 
-    python -m benchmarks.bench_memory               # all configurations (about 30 minutes on 2 cores)
-    python -m benchmarks.bench_memory --quick       # three configurations, no tensor counting
+    python -m benchmarks.bench_memory               # all configurations (2.5 hours on 2 busy cores)
+    python -m benchmarks.bench_memory --cache m.json   # the same, reusing (and saving) measurements
+    python -m benchmarks.bench_memory --quick       # three configurations on SmolLM2, no tensor counting
+    python -m benchmarks.bench_memory --scale       # a 7B model on this machine
     python -m benchmarks.bench_memory --calibrate   # measure the CPU runtime allowance (tiny model)
     python -m benchmarks.bench_memory --paper       # only the planner's LLaMA table next to the paper's
 """
@@ -41,12 +43,14 @@ RANDOM_MODELS: dict[str, dict[str, Any]] = {
     "llama-1.5b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 30,
                    "num_attention_heads": 16, "num_key_value_heads": 4, "vocab_size": 32000},
 }
+QLORA = "qlora-bnb-nf4"  # stock PEFT LoRA on a model transformers loaded with bitsandbytes NF4 (QLoRA)
 # (model, quantizer, batch, seq, gradient checkpointing, chunk_rows)
-FULL = [(m, q, b, 256, False, None) for m, b in (("smollm2-135m", 4), ("llama-0.5b", 2))
-        for q in ("rtn-2bit", "rtn-3bit", "rtn-4bit", "dense")]
+FULL = [("smollm2-135m", q, 4, 256, False, None) for q in ("rtn-2bit", "rtn-3bit", "rtn-4bit", "dense", QLORA)]
+FULL += [("llama-0.5b", q, 2, 256, False, None) for q in ("rtn-2bit", "rtn-3bit", "rtn-4bit", "dense", QLORA)]
 FULL += [("llama-0.5b", "rtn-4bit", 2, 256, True, None), ("llama-0.5b", "rtn-4bit", 2, 256, False, 256)]
 FULL += [("llama-1.5b", q, 2, 256, False, None) for q in ("rtn-2bit", "rtn-3bit", "rtn-4bit", "dense")]
-QUICK = [FULL[0], FULL[3], FULL[6]]  # SmolLM2 rtn-2bit and dense, 0.5B rtn-4bit; without counting tensors
+# One of each kind on SmolLM2 (ModuLoRA 2-bit, dense LoRA, QLoRA), without counting tensors: 2.5 minutes
+QUICK = [("smollm2-135m", q, 4, 256, False, None) for q in ("rtn-2bit", "dense", QLORA)]
 # The scale demonstration: a 7B Llama with random weights, built on meta and quantized layer by layer (its
 # float32 dense form, 25 GiB, would not fit this 23 GiB machine), at the paper's batch and sequence length
 SCALE = [("llama-7b", "rtn-2bit", 1, 128, False, None)]
@@ -96,11 +100,53 @@ def _fill_meta(model: Any, config: Any, gen: torch.Generator) -> None:
                 setattr(mod, pname, torch.nn.Parameter(real, requires_grad=False))
 
 
+def bnb_nf4_model(model_name: str) -> Any:
+    """The model loaded by stock transformers with bitsandbytes NF4 (QLoRA's settings: double quantization,
+    float32 compute). A random model is built dense, saved to a temporary directory and loaded from there,
+    so bitsandbytes quantizes it exactly as it would a downloaded checkpoint."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from modulora_core.model import build_empty
+
+    bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=torch.float32)
+    if model_name == "smollm2-135m":
+        from modulora_core.pretrained import smollm2_dir
+
+        return _unpin_all(AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32,
+                                                               quantization_config=bnb_config))
+    config = model_config(model_name)
+    with tempfile.TemporaryDirectory(prefix="bench-memory-bnb-") as tmp:
+        dense = build_empty(config)
+        _fill_meta(dense, config, torch.Generator().manual_seed(0))
+        dense.save_pretrained(tmp)
+        del dense
+        gc.collect()
+        model = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, quantization_config=bnb_config)
+        return _unpin_all(model)  # before the files go: nothing may stay mapped
+
+
+def _unpin_all(model: Any) -> Any:
+    """Copy every tensor that is not a bitsandbytes 4-bit weight out of the checkpoint's file mapping (the
+    4-bit weights are new tensors already); see :func:`_unpin_checkpoint`."""
+    import bitsandbytes as bnb
+
+    for p in model.parameters():
+        if not isinstance(p, bnb.nn.Params4bit):
+            p.data = p.data.clone()
+    gc.collect()
+    return model
+
+
 def build(model_name: str, quantizer: str, chunk_rows: int | None, r: int) -> Any:
     """The model of one configuration, LoRA attached, ready to train."""
     import modulora
 
     lora = modulora.LoraConfig(r=r, alpha=2 * r)
+    if quantizer == QLORA:
+        return _peft_lora(bnb_nf4_model(model_name), r)
     if model_name == "smollm2-135m":
         from transformers import AutoModelForCausalLM
 
@@ -117,10 +163,15 @@ def build(model_name: str, quantizer: str, chunk_rows: int | None, r: int) -> An
 
         dense = build_empty(config)
         _fill_meta(dense, config, torch.Generator().manual_seed(0))
+    return _peft_lora(dense, r)
+
+
+def _peft_lora(model: Any, r: int) -> Any:
+    """Stock PEFT LoRA on every decoder linear (no prepare_model_for_kbit_training: nothing but LoRA)."""
     from peft import LoraConfig, get_peft_model
 
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    return get_peft_model(dense, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, lora_dropout=0.0))
+    return get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, lora_dropout=0.0))
 
 
 def _unpin_checkpoint(model: Any) -> Any:
@@ -207,10 +258,14 @@ def measure(spec: dict[str, Any], cache: str | None = None) -> dict[str, Any]:
 
 
 def predict(spec: dict[str, Any], runtime_bytes: int | None = None) -> Any:
+    """The planner's prediction for one configuration (QLoRA: see :data:`QLORA`)."""
     import modulora
     from modulora_core.plan import plan
 
-    return plan(model_config(spec["model"]), spec["quantizer"], batch_size=spec["batch"], seq_len=spec["seq"],
+    quantizer = spec["quantizer"]
+    if quantizer == QLORA:
+        quantizer = "qlora"
+    return plan(model_config(spec["model"]), quantizer, batch_size=spec["batch"], seq_len=spec["seq"],
                 lora=modulora.LoraConfig(r=spec["r"], alpha=2 * spec["r"]), dtype="float32",
                 gradient_checkpointing=spec["checkpointing"], chunk_rows=spec["chunk_rows"], device="cpu",
                 runtime_bytes=runtime_bytes)
@@ -224,9 +279,9 @@ def spec_of(row: tuple, tensors: bool) -> dict[str, Any]:
 
 def calibrate(repeats: int = 3) -> dict[str, int]:
     """Runtime allowance per kind of process: the peak RSS of a tiny model's step minus its predicted
-    tensors (median of ``repeats`` runs): a modulora process, and a plain-PEFT one (``dense``)."""
+    tensors (median of ``repeats`` runs): a modulora process, a plain-PEFT one (``dense``), a QLoRA one."""
     out = {}
-    for q in ("rtn-4bit", "dense"):
+    for q in ("rtn-4bit", "dense", QLORA):
         spec = spec_of(("tiny", q, 1, 32, False, None), tensors=False)
         predicted = predict(spec, runtime_bytes=0).total
         vals = [measure(spec)["hwm"] - predicted for _ in range(repeats)]
@@ -235,11 +290,13 @@ def calibrate(repeats: int = 3) -> dict[str, int]:
     return out
 
 
-def validation_table(rows: list[tuple], tensors: bool, cache: str | None = None) -> str:
+def validation_table(rows: list[tuple], tensors: bool, cache: str | None = None) -> tuple[str, list[dict]]:
+    """The markdown table of predicted vs. measured peaks, and its raw rows (bytes) for docs/data."""
     lines = ["| model | quantizer | batch × seq | options | predicted GiB | measured peak RSS GiB | error "
              "| tensors: predicted | tensors: measured | error | step s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    data = []
     for row in rows:
-        spec = spec_of(row, tensors and row[0] != "llama-1.5b")  # counting tensors there: too slow
+        spec = spec_of(row, tensors and row[0] not in ("llama-1.5b", "llama-7b"))  # counting there: too slow
         p = predict(spec)
         m = measure(spec, cache)
         runtime = p.component("runtime").nbytes
@@ -255,26 +312,47 @@ def validation_table(rows: list[tuple], tensors: bool, cache: str | None = None)
                 f"{p.total / GiB:.3f} | {m['hwm'] / GiB:.3f} | {err:+.1f}% | {tcols} | {m['step_s']} |")
         print(line, flush=True)
         lines.append(line)
-    return "\n".join(lines) + "\n"
+        data.append({"model": spec["model"], "params": p.settings["n_params"], "quantizer": spec["quantizer"],
+                     "kind": kind_of(spec["quantizer"]), "batch": spec["batch"], "seq": spec["seq"],
+                     "checkpointing": spec["checkpointing"], "chunk_rows": spec["chunk_rows"],
+                     "predicted": p.total, "measured": m["hwm"], "error_pct": round(err, 2),
+                     "tensors_predicted": p.total - runtime if m["tensor_peak"] else None,
+                     "tensors_measured": m["tensor_peak"], "step_s": m["step_s"], "build_s": m["build_s"]})
+    return "\n".join(lines) + "\n", data
 
 
-def paper_table() -> str:
-    """The planner's LLaMA rows at the paper's setting, next to the paper's figures."""
+def kind_of(quantizer: str) -> str:
+    """The line a configuration belongs to in the memory plot: ModuLoRA n-bit, dense LoRA or QLoRA."""
+    if quantizer == "dense":
+        return "dense LoRA (PEFT)"
+    if quantizer == QLORA:
+        return "QLoRA (PEFT + bitsandbytes NF4)"
+    bits = "".join(ch for ch in quantizer.split("-")[-1] if ch.isdigit())
+    return f"ModuLoRA {bits}-bit" if bits else f"ModuLoRA {quantizer}"
+
+
+def paper_table() -> tuple[str, list[dict]]:
+    """The planner's LLaMA rows at the paper's setting, next to the paper's figures; and the raw rows."""
     import modulora
     from modulora_core.plan import plan
 
     have = set(modulora.available_quantizers())
-    cols = [(q, "float16") for q in ("quip#-2bit", "optq-2bit", "rtn-2bit", "nf4") if q in have]
-    cols += [("dense", "float16"), ("dense", "float32")]
+    cols = [(q, "float16") for q in ("quip#-2bit", "optq-2bit", "rtn-2bit") if q in have]
+    # QLoRA (PEFT on bitsandbytes NF4); ModuLoRA's nf4 preset stores the same bytes and gets the same figure
+    cols += [("qlora", "float16"), ("dense", "float16"), ("dense", "float32")]
     head = ("| model | " + " | ".join(f"{q}{' fp32' if d == 'float32' else ''}" for q, d in cols)
             + " | paper: 2-bit | paper: QLoRA 4-bit | paper: fp LoRA |")
     lines = [head, "|" + "---|" * (len(cols) + 4)]
+    data = []
     for name in ("llama-7b", "llama-13b", "llama-30b", "llama-65b", "llama-2-70b"):
-        preds = [plan(name, q, batch_size=1, seq_len=128, dtype=d, device="cuda").total / GiB for q, d in cols]
+        preds = [plan(name, q, batch_size=1, seq_len=128, dtype=d, device="cuda").total for q, d in cols]
         paper = PAPER.get(name, ("—", "—", "—"))
-        lines.append(f"| {name} | " + " | ".join(f"{v:.1f}" for v in preds) + " | "
+        lines.append(f"| {name} | " + " | ".join(f"{v / GiB:.1f}" for v in preds) + " | "
                      + " | ".join(str(v) for v in paper) + " |")
-    return "\n".join(lines) + "\n"
+        data.append({"model": name, "predicted": {f"{q} {d}": v for (q, d), v in zip(cols, preds, strict=True)},
+                     "paper_gb": dict(zip(("2-bit", "qlora-4bit", "fp-lora"), PAPER.get(name, (None,) * 3),
+                                          strict=True))})
+    return "\n".join(lines) + "\n", data
 
 
 def main() -> None:
@@ -294,27 +372,42 @@ def main() -> None:
     if a.calibrate:
         cal = calibrate()
         print(f"CPU runtime allowance: modulora {cal['rtn-4bit'] / MiB:.0f} MiB, plain PEFT "
-              f"{cal['dense'] / MiB:.0f} MiB (RUNTIME_ALLOWANCE / DENSE_RUNTIME_EXTRA in modulora_core/plan.py)")
+              f"{cal['dense'] / MiB:.0f} MiB, QLoRA {cal[QLORA] / MiB:.0f} MiB (RUNTIME_ALLOWANCE, "
+              f"DENSE_RUNTIME_EXTRA, QLORA_RUNTIME_EXTRA in modulora_core/plan.py)")
         return
-    from benchmarks.report import write_section
+    from benchmarks.report import write_data, write_section
 
     if a.scale:
-        body = validation_table(SCALE, tensors=False, cache=a.cache) + scale_notes()
+        table, rows = validation_table(SCALE, tensors=False, cache=a.cache)
+        body = table + (f"\nBuilding it (generating and quantizing every linear, one at a time): "
+                        f"{rows[0]['build_s']:.0f} s; two training steps (warm-up, measured) followed.\n")
+        body += scale_notes()
         if not a.no_write:
-            write_section("memory-scale", "Memory: a 7B model finetuned on a 23 GiB CPU machine",
-                          "python -m benchmarks.bench_memory --scale", SCALE_INTRO + body)
+            cmd = "python -m benchmarks.bench_memory --scale"
+            write_data("memory-scale", cmd, rows)
+            write_section("memory-scale", "Memory: a 7B model finetuned on a 23 GiB CPU machine", cmd,
+                          SCALE_INTRO + body)
         return
     if not a.paper:
-        body = validation_table(QUICK if a.quick else FULL, tensors=not (a.no_tensors or a.quick), cache=a.cache)
+        table, rows = validation_table(QUICK if a.quick else FULL, tensors=not (a.no_tensors or a.quick),
+                                       cache=a.cache)
+        worst = max(rows, key=lambda r: abs(r["error_pct"]))
+        summary = (f"\nWorst prediction error: {worst['error_pct']:+.1f}% ({worst['model']}, {worst['quantizer']}"
+                   f"); the target is 10%.\n")
+        print(summary)
         if not a.no_write:
+            name = "memory" + ("-quick" if a.quick else "")
             cmd = "python -m benchmarks.bench_memory" + (" --quick" if a.quick else "")
-            write_section("memory" + ("-quick" if a.quick else ""), "Memory: predicted vs. measured peak of "
-                          "one training step", cmd, VALIDATION_INTRO + body)
-    paper = paper_table()
+            write_data(name, cmd, rows)
+            write_section(name, "Memory: predicted vs. measured peak of one training step", cmd,
+                          VALIDATION_INTRO + table + summary)
+    paper, rows = paper_table()
     print(paper)
     if not a.no_write:
-        write_section("memory-paper", "Memory planner: LLaMA at the paper's setting", "python -m "
-                      "benchmarks.bench_memory --paper", PAPER_INTRO + paper + PAPER_NOTES)
+        cmd = "python -m benchmarks.bench_memory --paper"
+        write_data("memory-paper", cmd, rows)
+        write_section("memory-paper", "Memory planner: LLaMA at the paper's setting", cmd,
+                      PAPER_INTRO + paper + PAPER_NOTES)
 
 
 def scale_notes() -> str:
@@ -339,12 +432,19 @@ VALIDATION_INTRO = (
     "against the peak bytes of live tensors in a step (`modulora_core.memtrace`). SmolLM2-135M has its real "
     "weights; llama-0.5b (hidden 1024, 32 layers, 16 heads) and llama-1.5b (hidden 2048, 30 layers, 16 "
     "heads, 4 KV heads) are random, built on meta and quantized one layer at a time. dense = PEFT LoRA on "
-    "the dense float32 model.\n\n")
+    "the dense float32 model. qlora-bnb-nf4 = PEFT LoRA on the model as stock transformers loads it with "
+    "bitsandbytes NF4 (`BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=\"nf4\", "
+    "bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)`; the random model is saved "
+    "dense and loaded so), predicted as `plan(..., \"qlora\")`. Peak memory does not depend on the "
+    "machine's load, step times do: `--cache` reuses earlier measurements, so rows may come from runs under "
+    "different load (2 cores shared with other jobs).\n\n")
 PAPER_INTRO = (
     "Predicted peak GiB of one training step at the paper's setting: batch 1, sequence 128, float16 "
     "compute, LoRA r=8 (float32 LoRA weights, AdamW), `device=\"cuda\"` (a 0.5 GiB runtime allowance, "
-    "assumed, not measured: no GPU here); `dense` is plain LoRA on the dense model, its weights in float16 "
-    "or float32. The paper's figures are peak GPU memory in GB (MNLI-m); ours are GiB (2^30 bytes).\n\n")
+    "assumed, not measured: no GPU here); `qlora` is PEFT LoRA on bitsandbytes NF4 (ModuLoRA's `nf4` "
+    "stores the same bytes and gets the same figure); `dense` is plain LoRA on the dense model, its weights "
+    "in float16 or float32. The paper's figures are peak GPU memory in GB (MNLI-m); ours are GiB (2^30 "
+    "bytes).\n\n")
 PAPER_NOTES = (
     "\nWhy ours differ: the paper's code put LoRA on q_proj and v_proj only (llmtools `finetune`), in "
     "float16; ours quantizes and adapts every decoder linear (target_modules says both) with float32 LoRA "

@@ -5,7 +5,9 @@
     python -m benchmarks.run --only memory,layer
 
 Each script writes its own sections of the report (``benchmarks.report.write_section``, with the machine,
-versions, command and date); a script that fails is reported at the end and the others still run.
+versions, command and date) and its raw results (``docs/data/<section>.json``); a script that fails is
+reported at the end and the others still run. Last, ``benchmarks.plots`` draws the figures (docs/img/) from
+whatever data exists.
 """
 
 from __future__ import annotations
@@ -30,12 +32,12 @@ def main() -> None:
     if unknown := [n for n in names if n not in BENCHMARKS]:
         ap.error(f"unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)}")
     results: list[tuple[str, str, float]] = []
-    for name in names:
-        module = f"benchmarks.bench_{name}"
+    for name in [*names, "plots"]:  # the figures last, from every script's data
+        module = "benchmarks.plots" if name == "plots" else f"benchmarks.bench_{name}"
         if importlib.util.find_spec(module) is None:
             results.append((name, "missing", 0.0))
             continue
-        cmd = [sys.executable, "-m", module] + (["--quick"] if a.quick else [])
+        cmd = [sys.executable, "-m", module] + (["--quick"] if a.quick and name != "plots" else [])
         print(f"== {' '.join(cmd[1:])}", flush=True)
         t0 = time.perf_counter()
         rc = subprocess.run(cmd).returncode  # its output goes straight to ours

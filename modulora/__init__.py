@@ -36,13 +36,14 @@ from modulora_core.model import (
     save_quantized,
     set_adapter_enabled,
 )
+from modulora_core.plan import MemoryPlan, plan
 
 __version__ = "0.1.0"
 __all__ = [
     "AdapterError", "BoundQuantizer", "CalibrationError", "Capabilities", "CheckpointError",
-    "InvalidWeightError", "LoraConfig", "ModuLoRAError", "ModuLoRALinear", "PackedWeight", "PluginError",
+    "InvalidWeightError", "LoraConfig", "MemoryPlan", "ModuLoRAError", "ModuLoRALinear", "PackedWeight", "PluginError",
     "Quantizer", "QuantizerConfig", "QuantizerConfigError", "TargetModulesError", "UnknownQuantizerError",
     "available_quantizers", "get_quantizer", "hookimpl", "list_plugins",
     "dequantize", "iter_modulora_layers", "load", "load_adapter", "load_quantized", "lora_parameters",
-    "save_adapter", "save_quantized", "set_adapter_enabled",
+    "plan", "save_adapter", "save_quantized", "set_adapter_enabled",
 ]

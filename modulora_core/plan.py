@@ -43,6 +43,13 @@ RUNTIME_ALLOWANCE = {"cpu": 420 * (1 << 20), "cuda": 512 * (1 << 20)}
 DENSE_RUNTIME_EXTRA = {"cpu": 176 * (1 << 20), "cuda": 0}
 OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd": 0, "sgd-momentum": 1}  # float32 tensors per LoRA param
 DENSE = "dense"  # the "quantizer" of plain LoRA on the dense model (PEFT), for comparison
+# The "quantizer" of QLoRA as people run it: stock PEFT LoRA on a model that transformers loaded with
+# bitsandbytes NF4 (double quantization). Its storage is our nf4 preset's byte for byte, and bitsandbytes'
+# 4-bit matmul saves the same input and dequantizes the whole weight in backward as a ModuLoRA layer does;
+# what differs is the process: bitsandbytes' native library, 14 MiB on CPU (calibrated as above). PEFT
+# finds its bitsandbytes layer first, so it does not import the other backends as for dense LoRA.
+QLORA, QLORA_PRESET = "qlora", "nf4"
+QLORA_RUNTIME_EXTRA = {"cpu": 14 * (1 << 20), "cuda": 0}
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
 
@@ -290,8 +297,9 @@ def plan(model: Any, quantizer: QuantizerSpec = "rtn-4bit", *, batch_size: int =
 
     ``model``: a built-in shape (``llama-7b`` ... ``llama-65b``, ``llama-2-70b``, ``smollm2-135m``), a
     config.json / model directory, or a config object. ``quantizer``: a preset, a config, ``"dense"``
-    (plain LoRA on the dense model), or ``{module name or suffix: preset, "*": preset}``. ``dtype``: the
-    compute dtype (the model's); ``weight_dtype``: that of the unquantized parts (default: ``dtype``).
+    (plain LoRA on the dense model), ``"qlora"`` (PEFT LoRA on bitsandbytes NF4, for comparison), or
+    ``{module name or suffix: preset, "*": preset}``. ``dtype``: the compute dtype (the model's);
+    ``weight_dtype``: that of the unquantized parts (default: ``dtype``).
     ``device`` picks the runtime allowance (``"cpu"`` calibrated, ``"cuda"`` assumed), unless
     ``runtime_bytes`` is given. ``budget``: e.g. ``"24GB"``.
     """
@@ -310,6 +318,9 @@ def plan(model: Any, quantizer: QuantizerSpec = "rtn-4bit", *, batch_size: int =
     wdt = _dtype(weight_dtype, "weight_dtype") if weight_dtype is not None else cdt
     lora = lora or LoraConfig()
     budget_bytes = parse_size(budget) if budget is not None else None
+    qlora = isinstance(quantizer, str) and quantizer.strip().lower() == QLORA
+    if qlora:
+        quantizer = QLORA_PRESET
 
     shapes = model_shapes(model_config(model), lora.target_modules)
     per_module = _per_module(shapes, quantizer)
@@ -320,7 +331,7 @@ def plan(model: Any, quantizer: QuantizerSpec = "rtn-4bit", *, batch_size: int =
     base, mat, mat_where = _base_weights(shapes, per_module, chunk_rows, tokens, cdt, wdt)
     n_lin = sum(t.out_features * t.in_features for t in shapes.targets)
     names = sorted({bq.name for bq in per_module.values() if bq is not None})
-    qname = DENSE if dense else ", ".join(names)
+    qname = DENSE if dense else f"{QLORA} (PEFT + bitsandbytes {QLORA_PRESET})" if qlora else ", ".join(names)
     unq = sum(shapes.dense_params.values()) * wb + shapes.buffer_bytes
     n_lora = lora.r * sum(t.out_features + t.in_features for t in shapes.targets)
     n_states = OPTIMIZER_STATES[opt]
@@ -332,7 +343,8 @@ def plan(model: Any, quantizer: QuantizerSpec = "rtn-4bit", *, batch_size: int =
     layer_bwd = act.layer_grads + mat + act.recomputed_layer
     layers_saved = act.saved - act.head_saved
     runtime = runtime_bytes if runtime_bytes is not None else (
-        RUNTIME_ALLOWANCE[device] + (DENSE_RUNTIME_EXTRA[device] if dense else 0))
+        RUNTIME_ALLOWANCE[device] + (DENSE_RUNTIME_EXTRA[device] if dense else 0)
+        + (QLORA_RUNTIME_EXTRA[device] if qlora else 0))
     comps = [
         Component("packed", "dense base weights (frozen)" if dense else "packed base weights",
                   base, f"{len(shapes.targets)} linears, {n_lin / 1e9:.3g}B weights, "

@@ -15,7 +15,7 @@ import modulora
 from modulora_core.cli import plan as plan_cli
 from modulora_core.errors import InvalidWeightError, ModuLoRAError, UnknownQuantizerError
 from modulora_core.memtrace import PeakTracker, peak_bytes
-from modulora_core.plan import parse_size, plan
+from modulora_core.plan import QLORA_RUNTIME_EXTRA, parse_size, plan
 from modulora_core.plan_shapes import BUILTIN_MODELS, model_config, model_shapes
 from modulora_core.quantizer import Quantizer
 
@@ -176,6 +176,23 @@ def test_packed_component_is_the_sum_of_exact_sizes_and_dense_has_no_packing() -
     assert plan(cfg, "rtn-3bit").component("packed").nbytes == expected
     dense = plan(cfg, "dense", dtype="bfloat16")
     assert dense.component("packed").nbytes == sum(2 * t.out_features * t.in_features for t in shapes.targets)
+
+
+def test_plan_is_public() -> None:
+    assert modulora.plan is plan and "plan" in modulora.__all__ and "MemoryPlan" in modulora.__all__
+
+
+def test_qlora_is_nf4_storage_with_peft_runtime() -> None:
+    cfg = tiny_config()
+    nf4, qlora, dense = plan(cfg, "nf4"), plan(cfg, "qlora"), plan(cfg, "dense")
+    assert qlora.quantizer.startswith("qlora") and "bitsandbytes nf4" in qlora.quantizer
+    for key in ("packed", "unquantized", "lora", "activations", "layer_backward"):
+        assert qlora.component(key).nbytes == nf4.component(key).nbytes
+    # the process holds bitsandbytes' library besides ours, but not the backends dense PEFT imports
+    assert nf4.component("runtime").nbytes < qlora.component("runtime").nbytes < dense.component("runtime").nbytes
+    assert qlora.component("runtime").nbytes == nf4.component("runtime").nbytes + QLORA_RUNTIME_EXTRA["cpu"]
+    assert plan(cfg, "qlora", device="cuda").component("runtime").nbytes == \
+        plan(cfg, "nf4", device="cuda").component("runtime").nbytes
 
 
 def test_per_module_quantizers_and_chunking_and_checkpointing_shrink_what_they_should() -> None:

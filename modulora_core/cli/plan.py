@@ -46,8 +46,9 @@ def register(app: typer.Typer) -> None:
     def plan(
         model: Annotated[str, typer.Argument(help="built-in shape (llama-7b, llama-13b, llama-30b, llama-65b, "
                                              "llama-2-70b, smollm2-135m), a config.json or a model directory")],
-        quantizer: Annotated[str, typer.Option("--quantizer", "-q", help="preset (see `modulora plugins`), or "
-                                               "'dense' for plain LoRA on the dense model")] = "rtn-4bit",
+        quantizer: Annotated[str, typer.Option("--quantizer", "-q", help="preset (see `modulora plugins`), "
+                                               "'dense' for plain LoRA on the dense model, or 'qlora' for "
+                                               "PEFT LoRA on bitsandbytes NF4")] = "rtn-4bit",
         module: Annotated[list[str] | None, typer.Option(help="MODULE=PRESET for modules matched by name or "
                                                          "suffix (repeatable); the rest use --quantizer")] = None,
         batch_size: Annotated[int, typer.Option(min=1)] = 1,

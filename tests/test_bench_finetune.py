@@ -1,0 +1,30 @@
+"""benchmarks/bench_finetune.py's table and target notes on synthetic rows (no model is loaded)."""
+
+from __future__ import annotations
+
+from benchmarks.bench_finetune import _table, _target_notes
+
+
+def _row(config: str, before: float, after: float) -> dict:
+    return {"config": config, "loss_before": before, "loss_after": after, "rougeL_before": 10.0,
+            "rougeL_after": 20.0, "s_per_step": 1.0, "peak_rss_mib": 100.0, "quantize_s": 1.0, "train_loss": []}
+
+
+def test_two_bit_gap_notes_give_both_readings() -> None:
+    # gap 1.0; drop 0.8 (80%: meets); gap to dense LoRA after: 0.7 (30% closed: misses)
+    by = {"dense": _row("dense", 3.0, 2.5), "quip#-2bit": _row("quip#-2bit", 4.0, 3.2)}
+    (note,) = _target_notes(by, 20)
+    assert "80% of that gap: meets" in note and "from 1.000 to 0.700 (30% closed: misses" in note
+
+
+def test_four_bit_notes_say_within_or_outside_one_percent() -> None:
+    by = {"dense": _row("dense", 3.0, 2.0), "nf4": _row("nf4", 3.1, 2.01), "optq-4bit": _row("optq-4bit", 3.2, 2.1),
+          "qlora-bnb-nf4": _row("qlora-bnb-nf4", 3.1, 2.03)}
+    (note,) = _target_notes(by, 20)
+    assert "nf4 +0.5% (within 1%)" in note and "optq-4bit +5.0% (outside 1%)" in note
+    assert "qlora-bnb-nf4 +1.5% (outside 1%)" in note
+
+
+def test_table_keeps_failed_rows_and_skips_notes_without_dense() -> None:
+    text = _table([_row("nf4", 3.1, 2.0), {"config": "optq-3bit", "error": "boom"}], 20)
+    assert "failed: boom" in text and "| ModuLoRA nf4 | 3.100 | 2.000 | - |" in text and "- " not in text.split("\n")[-1]
