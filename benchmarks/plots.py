@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on a server
 import matplotlib.pyplot as plt  # noqa: E402
 
-from benchmarks.report import DATA, REPORT, read_data, write_section  # noqa: E402
+from benchmarks.report import DATA, IMG, REPORT, read_data, write_section  # noqa: E402
 
-IMG = REPORT.parent / "img"
 GiB = 1 << 30
 
 
@@ -173,9 +173,11 @@ def main() -> None:
     if not drawn:
         print("no data in docs/data yet: run the benchmarks first (python -m benchmarks.run)")
         return
-    body = "\n\n".join(f"**{cap}**\n\n![{name}](img/{path.name})" for name, path, cap in drawn)
+    rel = os.path.relpath(IMG, REPORT.parent)  # links relative to the page, wherever the page is
+    body = "\n\n".join(f"**{cap}**\n\n![{name}]({rel}/{path.name})" for name, path, cap in drawn)
     write_section("figures", "Figures", "python -m benchmarks.plots",
-                  "Drawn from the raw results in `docs/data/`; each table above has the numbers.\n\n" + body)
+                  f"Drawn from the raw results in `{os.path.relpath(DATA, REPORT.parent.parent)}/`; each table "
+                  "above has the numbers.\n\n" + body)
 
 
 if __name__ == "__main__":

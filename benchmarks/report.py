@@ -9,9 +9,14 @@ import platform
 import tempfile
 from pathlib import Path
 
-REPORT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
-# Raw results of each section, for benchmarks/plots.py (docs/data/<section>.json) and for readers
-DATA = REPORT.parent / "data"
+DEFAULT_REPORT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+# MODULORA_BENCH_REPORT sends a whole run elsewhere (``benchmarks.run --quick`` writes a page of its own, so
+# a quick run never overwrites the full figures); child scripts inherit it through the environment
+REPORT = Path(os.environ.get("MODULORA_BENCH_REPORT") or DEFAULT_REPORT).resolve()
+_OWN = REPORT == DEFAULT_REPORT
+# Raw results of each section, for benchmarks/plots.py (docs/data/<section>.json) and for readers; figures
+DATA = REPORT.parent / ("data" if _OWN else f"{REPORT.stem}-data")
+IMG = REPORT.parent / ("img" if _OWN else f"{REPORT.stem}-img")
 HEADER = "# Benchmarks\n\nEvery section is written by the script named in it; rerun that command to regenerate it.\n"
 
 
