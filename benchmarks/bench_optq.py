@@ -10,6 +10,11 @@ both with the same number of torch threads, measured one after the other in one 
 
     python -m benchmarks.bench_optq            # 128 x 512 calibration tokens, 32k evaluation tokens
     python -m benchmarks.bench_optq --quick    # 32 x 256 calibration tokens, 8k evaluation tokens
+    python -m benchmarks.bench_optq --quick --bits 3 --act-order off --repeats 3   # calibration-set spread
+
+Raw rows (one per configuration and calibration set) go to ``docs/data/<section>.json`` for the plots. At 3
+bits the perplexity of either tool moves by +-15% between calibration sets of this size; the solver alone is
+compared on identical Hessians by ``benchmarks/bench_optq_solver.py``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from pathlib import Path
 import torch
 
 import modulora
+from benchmarks.bench_quipsharp import bits_per_weight
 from modulora_core.calibration_data import Calibration, calibration_tokens
 from modulora_core.data import docstring_splits
 from modulora_core.pretrained import smollm2_dir
@@ -58,25 +64,29 @@ def dense_model(d: Path) -> torch.nn.Module:
 
 
 def run_ours(d: Path, calib: torch.Tensor, eval_win: torch.Tensor, bits: int, act: bool,
-             batch_size: int) -> tuple[float, float]:
-    """(seconds to quantize a loaded model, held-out perplexity) of our OPTQ."""
+             batch_size: int) -> tuple[float, float, float]:
+    """(seconds to quantize a loaded model, held-out perplexity, storage bits per weight) of our OPTQ."""
     model = dense_model(d)
     t0 = time.perf_counter()
     q = modulora.load(model, OPTQConfig(bits=bits, group_size=128, desc_act=act),
                       calibration=Calibration(calib, batch_size=batch_size, progress=False))
-    return time.perf_counter() - t0, perplexity(q, eval_win)
+    return time.perf_counter() - t0, perplexity(q, eval_win), bits_per_weight(q)
 
 
 def run_gptqmodel(d: Path, calib: torch.Tensor, eval_win: torch.Tensor, configs: list[tuple[int, bool]],
-                  batch_size: int, threads: int) -> list[tuple[float, float]]:
-    """(seconds, perplexity) of GPTQModel per configuration, all in one subprocess."""
+                  batch_size: int, threads: int) -> list[tuple[float, float, float]]:
+    """(seconds, perplexity, bits per weight) of GPTQModel per configuration, all in one subprocess."""
     with tempfile.TemporaryDirectory(prefix="bench-optq-") as tmp:
         torch.save(calib, Path(tmp) / "calib.pt")
         jobs = [GPTQModelJob(str(Path(tmp) / f"b{bits}a{int(act)}"), bits=bits, group_size=128, desc_act=act)
                 for bits, act in configs]
         secs = quantize_with_gptqmodel(d, Path(tmp) / "calib.pt", jobs, batch_size=batch_size, threads=threads)
         # our loader gives exactly the weights GPTQModel's kernels dequantize, computed in float32
-        return [(s, perplexity(modulora.load(j.out_dir).float(), eval_win)) for j, s in zip(jobs, secs, strict=True)]
+        out = []
+        for j, s in zip(jobs, secs, strict=True):
+            q = modulora.load(j.out_dir).float()
+            out.append((s, perplexity(q, eval_win), bits_per_weight(q)))
+        return out
 
 
 def main() -> None:
@@ -86,6 +96,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--eval-tokens", type=int, default=32768)
     ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
+    ap.add_argument("--act-order", choices=["off", "on", "both"], default="both")
     ap.add_argument("--repeats", type=int, default=1,
                     help="calibration sets (disjoint windows of the train split); medians and ranges reported")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for both (1: a shared, busy CPU)")
@@ -106,44 +117,68 @@ def main() -> None:
     calibs = list(calib_all.split(a.n_samples))  # one disjoint calibration set per repeat
     eval_win = calibration_tokens(Calibration([eval_text], n_samples=a.eval_tokens // 512, seq_len=512,
                                               tokenizer=tok))
-    configs = [(bits, act) for bits in a.bits for act in (False, True)]
+    acts = {"off": (False,), "on": (True,), "both": (False, True)}[a.act_order]
+    configs = [(bits, act) for bits in a.bits for act in acts]
     res: dict[tuple[int, bool], dict[str, list[float]]] = {
         c: {"ours_s": [], "ours_ppl": [], "ref_s": [], "ref_ppl": []} for c in configs}
 
     ppl_dense = perplexity(dense_model(d), eval_win)
     print(f"dense: ppl {ppl_dense:.3f}", flush=True)
+    data = [{"name": "unquantized", "family": "unquantized", "bits_per_weight": 32.0, "perplexity": ppl_dense}]
     rtn = {}
     for bits in a.bits:  # context: round-to-nearest at the same storage (symmetric, group 128)
         from modulora_plugin_rtn import RTNConfig
 
-        rtn[bits] = perplexity(modulora.load(dense_model(d), RTNConfig(bits=bits, group_size=128, symmetric=True)),
-                               eval_win)
+        qr = modulora.load(dense_model(d), RTNConfig(bits=bits, group_size=128, symmetric=True))
+        rtn[bits] = perplexity(qr, eval_win)
+        data.append({"name": f"rtn-{bits}bit-g128", "family": "rtn", "bits_per_weight": bits_per_weight(qr),
+                     "perplexity": rtn[bits]})
         print(f"rtn {bits}-bit: ppl {rtn[bits]:.3f}", flush=True)
     use_ref = gptqmodel_available() and not a.no_gptqmodel
     for r, calib in enumerate(calibs):
         for c in configs:
-            sec, ppl = run_ours(d, calib, eval_win, *c, a.batch_size)
+            sec, ppl, bpw = run_ours(d, calib, eval_win, *c, a.batch_size)
             res[c]["ours_s"].append(sec)
             res[c]["ours_ppl"].append(ppl)
+            data.append(_row("optq", c, r, ppl, bpw, sec))
             print(f"set {r} ours {c}: {sec:.0f}s ppl {ppl:.3f}", flush=True)
         if use_ref:
-            for c, (sec, ppl) in zip(configs, run_gptqmodel(d, calib, eval_win, configs, a.batch_size, a.threads),
-                                     strict=True):
+            for c, (sec, ppl, bpw) in zip(configs, run_gptqmodel(d, calib, eval_win, configs, a.batch_size,
+                                                                 a.threads), strict=True):
                 res[c]["ref_s"].append(sec)
                 res[c]["ref_ppl"].append(ppl)
+                data.append(_row("gptqmodel", c, r, ppl, bpw, sec))
                 print(f"set {r} GPTQModel {c}: {sec:.0f}s ppl {ppl:.3f}", flush=True)
 
     body = report(a, res, ppl_dense, rtn, calibs[0], eval_win, use_ref)
     print(body)
     if not a.no_write:
-        from benchmarks.report import write_section
+        from benchmarks.report import write_data, write_section
 
-        flags = (" --quick" if a.quick else "") + (f" --repeats {a.repeats}" if a.repeats > 1 else "")
-        if a.bits != [2, 3, 4]:
-            flags += " --bits " + " ".join(map(str, a.bits))
-        write_section("optq" + flags.replace(" --", "-").replace(" ", ""),
-                      "OPTQ on SmolLM2-135M: held-out perplexity and quantization time vs GPTQModel",
+        flags = _flags(a, ap)
+        name = "optq" + flags.replace(" --", "-").replace(" ", "")
+        write_section(name, "OPTQ on SmolLM2-135M: held-out perplexity and quantization time vs GPTQModel",
                       "python -m benchmarks.bench_optq" + flags, body)
+        write_data(name, "python -m benchmarks.bench_optq" + flags, data)
+
+
+def _row(family: str, c: tuple[int, bool], calib_set: int, ppl: float, bpw: float, sec: float) -> dict:
+    """One raw result for docs/data: ``family`` is "optq" (ours) or "gptqmodel"."""
+    bits, act = c
+    return {"name": f"{family}-{bits}bit-g128" + ("-act" if act else ""), "family": family, "bits": bits,
+            "act_order": act, "calibration_set": calib_set, "bits_per_weight": bpw, "perplexity": ppl,
+            "quantize_s": sec}
+
+
+def _flags(a: argparse.Namespace, ap: argparse.ArgumentParser) -> str:
+    """The command-line options that differ from their defaults (``--quick`` standing for its three)."""
+    flags = " --quick" if a.quick else ""
+    quick = {"n_samples": 32, "seq_len": 256, "eval_tokens": 8192} if a.quick else {}
+    for key in ("n_samples", "seq_len", "eval_tokens", "bits", "act_order", "repeats", "batch_size"):
+        val, default = getattr(a, key), quick.get(key, ap.get_default(key))
+        if val != default:
+            flags += f" --{key.replace('_', '-')} " + (" ".join(map(str, val)) if isinstance(val, list) else str(val))
+    return flags
 
 
 def report(a: argparse.Namespace, res: dict, ppl_dense: float, rtn: dict[int, float], calib: torch.Tensor,

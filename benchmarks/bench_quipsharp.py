@@ -1,4 +1,4 @@
-"""QuIP# on SmolLM2-135M: perplexity against OPTQ and NF4 at 2/3/4 bits, quantization time, and the fast path.
+"""QuIP# on SmolLM2-135M: perplexity against OPTQ, NF4, RTN and HQQ at 2/3/4 bits, quantization time, fast path.
 
 Every quantizer sees the same model (SmolLM2-135M-Instruct, real weights, float32) and, where it needs
 calibration, the same tokens: windows of the train split of the stdlib docstrings (modulora_core.data),
@@ -6,14 +6,18 @@ run block by block through the core calibration pipeline (``modulora.load(..., c
 Perplexity is measured on windows of the held-out test split. Then one 1536x576 and one 4096x4096 layer
 run forward+backward through ModuLoRALinear on the fast path (Hadamard transforms of the activations,
 decoded codes in row blocks) and on the generic path (materialize the dense weight, then multiply).
+bitsandbytes' own NF4 (transformers ``BitsAndBytesConfig``, double quantization, float32 compute) is a
+reference row. Raw rows go to ``docs/data/<section>.json`` for ``benchmarks/plot_quality.py``.
 
     python -m benchmarks.bench_quipsharp            # 128 x 256 calibration tokens, 64 x 256 test tokens
     python -m benchmarks.bench_quipsharp --quick    # 32 x 256 and 32 x 256; the 4096 layer with 256 tokens
+    python -m benchmarks.bench_quipsharp --quick --n-cal 64   # quick, with 64 calibration windows
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import statistics
 import time
@@ -22,7 +26,15 @@ import torch
 
 import modulora
 
-PRESETS = ["quip#-2bit", "quip#-3bit", "quip#-4bit", "optq-2bit", "optq-3bit", "optq-4bit", "nf4"]
+BNB = "bitsandbytes-nf4"  # not a ModuLoRA preset: bitsandbytes' own NF4 through transformers, for reference
+
+
+def family(preset: str) -> str:
+    """The plot's family of a preset: "quip#", "optq", "nf4", "rtn", "hqq" or "bitsandbytes"."""
+    return "bitsandbytes" if preset == BNB else preset.split("-")[0].replace("quipsharp", "quip#")
+
+PRESETS = ["quip#-2bit", "quip#-3bit", "quip#-4bit", "optq-2bit", "optq-3bit", "optq-4bit", "nf4",
+           "rtn-2bit", "rtn-3bit", "rtn-4bit", "hqq-2bit", "hqq-3bit", "hqq-4bit", BNB]
 
 
 def docstring_text(split: str) -> str:
@@ -84,9 +96,37 @@ def quantized_ppl(path, preset: str, calib: torch.Tensor, test: torch.Tensor) ->
         del q.quantize_weight
     seconds = time.perf_counter() - t0
     modulora.set_adapter_enabled(model, False)  # LoRA B is zero anyway: measure the quantized base alone
+    return perplexity(model, test), seconds, inside[0], bits_per_weight(model)
+
+
+def bits_per_weight(model: torch.nn.Module) -> float:
+    """Storage bits per weight of a ModuLoRA model: every packed tensor of its quantized linears."""
     layers = [m for _, m in modulora.iter_modulora_layers(model)]
-    bits = sum(m.packed.nbytes() * 8 for m in layers) / sum(m.in_features * m.out_features for m in layers)
-    return perplexity(model, test), seconds, inside[0], bits
+    return sum(m.packed.nbytes() * 8 for m in layers) / sum(m.in_features * m.out_features for m in layers)
+
+
+def bitsandbytes_ppl(path, test: torch.Tensor) -> tuple[float, float, float]:
+    """(perplexity, load seconds, bits per weight) of SmolLM2 loaded by transformers as bitsandbytes NF4
+    (double quantization, float32 compute): the decoder linears, as ModuLoRA quantizes them."""
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.float32)
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg, dtype=torch.float32,
+                                                 device_map="cpu")
+    seconds = time.perf_counter() - t0
+    bits = weights = 0
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            qs = m.weight.quant_state
+            # packed codes, 8-bit absmax, and the second level (float32 absmax, its code table, the offset)
+            parts = [m.weight, qs.absmax, qs.code] + ([qs.state2.absmax, qs.state2.code, qs.offset] if qs.nested
+                                                      else [])
+            bits += sum(t.numel() * t.element_size() * 8 for t in parts)
+            weights += qs.shape.numel()
+    return perplexity(model, test), seconds, bits / weights
 
 
 class DenseLoRA(torch.nn.Module):
@@ -135,6 +175,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--presets", default=",".join(PRESETS))
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--n-cal", type=int, default=None, help="calibration windows of 256 tokens (default: 128, "
+                    "--quick 32)")
     ap.add_argument("--no-write", action="store_true", help="print only; do not update docs/benchmarks.md")
     a = ap.parse_args()
     if a.threads:
@@ -148,6 +190,7 @@ def main() -> None:
     # 128 calibration windows as GPTQ; 256 tokens each keeps a CPU run to about two hours. Quick mode's 8k
     # tokens are too few for 1536-wide Hessians: quip#-4bit measured +6.1% there, +1.7% with 32k tokens
     n_cal, n_test, seq = (32, 32, 256) if a.quick else (128, 64, 256)
+    n_cal = a.n_cal or n_cal
     calib = windows(tok, docstring_text("train"), n_cal, seq)
     test = windows(tok, docstring_text("test"), n_test, seq)
     installed = set(modulora.available_quantizers())
@@ -155,14 +198,26 @@ def main() -> None:
     t0 = time.perf_counter()
     base = perplexity(load_dense(path), test)
     rows.append(f"| unquantized (float32) | 32 | {base:.2f} | - | - | - |")
+    data = [{"name": "unquantized", "family": "unquantized", "bits_per_weight": 32.0, "perplexity": base,
+             "calibration_tokens": calib.numel()}]
     print(f"unquantized: ppl {base:.2f} ({time.perf_counter() - t0:.0f}s)")
     for p in a.presets.split(","):
-        if p not in installed:
+        if p == BNB:
+            if importlib.util.find_spec("bitsandbytes") is None:
+                missing.append(p)
+                continue
+            ppl, secs, bits = bitsandbytes_ppl(path, test)
+            inside = None
+        elif p not in installed:
             missing.append(p)
             print(f"skip {p}: not installed")
             continue
-        ppl, secs, inside, bits = quantized_ppl(path, p, calib, test)
-        rows.append(f"| {p} | {bits:.3f} | {ppl:.2f} | {ppl / base - 1:+.1%} | {secs:.0f} | {inside:.0f} |")
+        else:
+            ppl, secs, inside, bits = quantized_ppl(path, p, calib, test)
+        data.append({"name": p, "family": family(p), "bits_per_weight": bits, "perplexity": ppl, "load_s": secs,
+                     "quantizer_s": inside, "calibration_tokens": calib.numel()})
+        rows.append(f"| {p} | {bits:.3f} | {ppl:.2f} | {ppl / base - 1:+.1%} | {secs:.0f} | "
+                    f"{'-' if inside is None else f'{inside:.0f}'} |")
         print(rows[-1])
     from modulora_plugin_quipsharp import QuipSharpConfig
 
@@ -181,7 +236,9 @@ def main() -> None:
         f"{test.shape[0]} x {test.shape[1]} tokens of the held-out test split. Load s: wall seconds of "
         "`modulora.load` (calibration forward passes included); quantizer s: the part spent inside the "
         f"quantizer (all 210 layers); {torch.get_num_threads()} torch thread(s) on a shared machine. "
-        "Bits/weight: all packed tensors of the quantized linears.\n\n"
+        "Bits/weight: all packed tensors of the quantized linears. bitsandbytes-nf4: transformers' "
+        "`BitsAndBytesConfig` (nf4, double quantization, float32 compute), its load s is the whole "
+        "`from_pretrained`.\n\n"
         "| quantizer | bits / weight | perplexity | vs unquantized | load s | quantizer s |\n"
         "|---|---|---|---|---|---|\n"
         + "\n".join(rows) + "\n"
@@ -195,11 +252,19 @@ def main() -> None:
     )
     print(body)
     if not a.no_write:
-        from benchmarks.report import write_section
+        from benchmarks.report import write_data, write_section
 
-        write_section("quipsharp" + ("-quick" if a.quick else ""),
-                      "QuIP# vs OPTQ and NF4 on SmolLM2-135M: perplexity, quantization time, fast path",
-                      "python -m benchmarks.bench_quipsharp" + (" --quick" if a.quick else ""), body)
+        flags = (" --quick" if a.quick else "") + (f" --n-cal {a.n_cal}" if a.n_cal else "")
+        flags += f" --threads {a.threads}" if a.threads else ""
+        if a.presets != ",".join(PRESETS):
+            flags += f" --presets '{a.presets}'"
+        name = "quipsharp" + flags.split(" --threads")[0].split(" --presets")[0].replace(" --", "-").replace(" ", "")
+        if a.presets != ",".join(PRESETS):  # a partial run gets its own section, never replacing a full one
+            name += "-" + "-".join(x.replace("#", "sharp") for x in a.presets.split(","))
+        command = "python -m benchmarks.bench_quipsharp" + flags
+        write_section(name, "QuIP# vs OPTQ, NF4, RTN and HQQ on SmolLM2-135M: perplexity, quantization time, "
+                      "fast path", command, body)
+        write_data(name, command, data)
 
 
 if __name__ == "__main__":

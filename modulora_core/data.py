@@ -91,10 +91,26 @@ def _add(items: dict[str, Docstring], module: str, qualname: str, obj: object, m
     if not doc or len(doc) < min_chars:
         return
     try:
-        sig = str(inspect.signature(obj))  # type: ignore[arg-type]
+        sig = _stable_signature(inspect.signature(obj))  # type: ignore[arg-type]
     except (TypeError, ValueError):
         sig = ""
     items[qualname] = Docstring(module, qualname, sig, doc)
+
+
+def _stable_signature(sig: inspect.Signature) -> str:
+    """``str(sig)`` with every default whose repr names a memory address (``<... at 0x7f...>``, e.g.
+    ``logging.shutdown``'s live handler list) shown as ``...``: the text must be the same in every process."""
+    params = []
+    for p in sig.parameters.values():
+        if p.default is not inspect.Parameter.empty and " at 0x" in repr(p.default):
+            p = p.replace(default=_Elided())
+        params.append(p)
+    return str(sig.replace(parameters=params))
+
+
+class _Elided:
+    def __repr__(self) -> str:
+        return "..."
 
 
 def split_of(key: str, val_frac: float = 0.1, test_frac: float = 0.1) -> str:

@@ -84,6 +84,28 @@ def run_jobs(model_dir: str | os.PathLike, tokens: Any, jobs: list[GPTQModelJob]
     return times
 
 
+def gptqmodel_layer(weight: Any, hessian: Any, job: GPTQModelJob) -> Any:
+    """GPTQModel's own GPTQ solver on one weight ``[out, in]`` and Hessian ``[in, in]``: its fake-quantized
+    weight ``[out, in]`` float32. In this process (call :func:`patch_cpu_count` first); for comparing the
+    algorithm alone, with the calibration pipeline taken out."""
+    import torch
+    from gptqmodel.quantization.config import QuantizeConfig
+    from gptqmodel.quantization.gptq import GPTQ
+
+    lin = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    lin.weight.data = weight.detach().to(torch.float32).clone()
+    qc = QuantizeConfig(bits=job.bits, group_size=job.group_size, sym=job.sym, desc_act=job.desc_act,
+                        static_groups=job.static_groups, damp_percent=job.damp_percent, act_group_aware=False,
+                        offload_to_disk=False)
+    g = GPTQ(lin, qc)
+    g.quantizer.configure(perchannel=True)
+    # inputs X with X^T X = L L^T = H: GPTQModel then accumulates exactly our Hessian (up to its 2/n scale,
+    # which dampening relative to the mean diagonal ignores)
+    chol = torch.linalg.cholesky(hessian.detach().to(torch.float64)).to(torch.float32)
+    g.add_batch(chol.T.contiguous(), None)
+    return g.quantize(blocksize=128)[0].to(torch.float32)
+
+
 def _main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_dir")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import subprocess
+import sys
 
 import pytest
 
-from modulora_core.data import Example, read_examples, split_examples
+from modulora_core.data import Example, docstring_splits, read_examples, split_examples
 from modulora_core.encoding import IGNORE_INDEX, encode_example, render_prompt
 from modulora_core.errors import DataError
 from modulora_core.rouge import corpus_rouge, lcs_length, rouge_scores
@@ -144,3 +147,17 @@ def test_long_examples_are_cut_keeping_the_answer_and_the_prompt_tail(tok):
     answer = [*tok("answer", add_special_tokens=False)["input_ids"], tok.eos_token_id]
     assert e.input_ids[-len(answer):] == answer and e.labels[-len(answer):] == answer
     assert e.input_ids[-len(answer) - 8:-len(answer)] == tail  # the "<|assistant|>" header survives
+
+
+def test_docstring_text_is_the_same_in_every_process():
+    """Signatures whose defaults print memory addresses (logging.shutdown's handler list) would make the
+    data, and so every benchmark's held-out text, differ from one process to the next."""
+    code = ("import hashlib, logging, logging.handlers; from modulora_core.data import docstring_splits; "
+            "d = docstring_splits(); logging.getLogger('x').addHandler(logging.StreamHandler()); "
+            "print(hashlib.sha256(repr(sorted((k, [(x.qualname, x.signature, x.doc) for x in v]) "
+            "for k, v in d.items())).encode()).hexdigest())")
+    here = hashlib.sha256(repr(sorted((k, [(x.qualname, x.signature, x.doc) for x in v])
+                                      for k, v in docstring_splits().items())).encode()).hexdigest()
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert other.stdout.strip() == here
+    assert not any(" at 0x" in x.signature for v in docstring_splits().values() for x in v)
