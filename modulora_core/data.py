@@ -81,7 +81,11 @@ def stdlib_docstrings(modules: tuple[str, ...] = STDLIB_MODULES, min_chars: int 
                 _add(items, name, f"{name}.{attr}", obj, min_chars)
                 if inspect.isclass(obj):
                     for mattr, meth in sorted(vars(obj).items()):
-                        if not mattr.startswith("_") and inspect.isfunction(meth):
+                        # only the module's own methods: libraries patch stdlib classes when imported
+                        # (transformers adds logging.Logger.warning_once), which would make the data
+                        # depend on what the process imported before
+                        if (not mattr.startswith("_") and inspect.isfunction(meth)
+                                and meth.__module__ == mod.__name__):
                             _add(items, name, f"{name}.{attr}.{mattr}", meth, min_chars)
     return [items[k] for k in sorted(items)]
 

@@ -150,9 +150,11 @@ def test_long_examples_are_cut_keeping_the_answer_and_the_prompt_tail(tok):
 
 
 def test_docstring_text_is_the_same_in_every_process():
-    """Signatures whose defaults print memory addresses (logging.shutdown's handler list) would make the
-    data, and so every benchmark's held-out text, differ from one process to the next."""
-    code = ("import hashlib, logging, logging.handlers; from modulora_core.data import docstring_splits; "
+    """Signatures whose defaults print memory addresses (logging.shutdown's handler list) and methods that
+    libraries patch into stdlib classes (transformers' logging.Logger.warning_once) would make the data, and
+    so every benchmark's held-out text, differ from one process to the next."""
+    code = ("import hashlib, logging, logging.handlers, transformers.utils.logging; "
+            "from modulora_core.data import docstring_splits; "
             "d = docstring_splits(); logging.getLogger('x').addHandler(logging.StreamHandler()); "
             "print(hashlib.sha256(repr(sorted((k, [(x.qualname, x.signature, x.doc) for x in v]) "
             "for k, v in d.items())).encode()).hexdigest())")

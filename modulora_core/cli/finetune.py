@@ -8,6 +8,7 @@ Run it under ``torchrun --nproc_per_node N -m modulora finetune ...`` (or ``acce
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
 import time
@@ -91,9 +92,24 @@ def register(app: typer.Typer) -> None:
         with user_errors():
             if resume:
                 opts = _with_saved_options(ctx, opts)
-            result = run(opts, resume=resume)
+            try:
+                result = run(opts, resume=resume)
+            finally:
+                _leave_process_group()
         if result.get("interrupted"):
             raise typer.Exit(130)
+
+
+def _leave_process_group() -> None:
+    """Under torchrun / accelerate: wait for rank 0 (it scores and saves after training), then tear the
+    process group down. Left to interpreter exit, gloo's threads can abort the process (SIGABRT,
+    "terminate called without an active exception") after a run that succeeded."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(Exception):  # a peer that already failed must not hide our own error
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def _with_saved_options(ctx: typer.Context, opts: dict[str, Any]) -> dict[str, Any]:
