@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -164,16 +165,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="20 steps, 16 validation examples")
     ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ",".join(CONFIGS))
+    ap.add_argument("--steps", type=int, default=None, help="training steps (default: 80, or 20 with --quick)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--no-write", action="store_true", help="print the table, leave docs/benchmarks.md alone")
     a = ap.parse_args()
     steps, n_eval, n_cal, cal_len = (20, 16, 16, 256) if a.quick else (80, 64, 64, 512)
+    steps = a.steps or steps
     if a.one:
         print(json.dumps(run_one(a.one, steps, n_eval, n_cal, cal_len)))
         return
     rows: list[dict] = []
     for c in a.configs.split(","):  # the report is rewritten after each configuration: partial runs count
         cmd = [sys.executable, "-m", "benchmarks.bench_finetune", "--one", c] + (["--quick"] if a.quick else [])
+        cmd += ["--steps", str(steps)]
         p = subprocess.run(cmd, capture_output=True, text=True)
         if p.returncode != 0:
             err = (p.stderr.strip().splitlines() or ["?"])[-1][:120]
@@ -199,10 +203,16 @@ def _report(rows: list[dict], a: argparse.Namespace, steps: int, n_eval: int, n_
         from benchmarks.report import write_data, write_section
 
         cmd = "python -m benchmarks.bench_finetune" + (" --quick" if a.quick else "")
+        name = "finetune"  # the run of every configuration; a subset or other length gets its own section
+        if a.steps:
+            cmd += f" --steps {a.steps}"
+            name += f"-steps{a.steps}"
         if a.configs != ",".join(CONFIGS):
             cmd += f" --configs {a.configs}"
-        write_section("finetune", "Finetuning on docsum: dense LoRA, ModuLoRA, QLoRA", cmd, body)
-        write_data("finetune", cmd, rows)
+            name += "-" + re.sub(r"[^a-z0-9]+", "-", a.configs.lower()).strip("-")
+        title = "Finetuning on docsum: dense LoRA, ModuLoRA, QLoRA" + (f", {steps} steps" if a.steps else "")
+        write_section(name, title, cmd, body)
+        write_data(name, cmd, rows)
 
 if __name__ == "__main__":
     main()

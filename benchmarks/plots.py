@@ -149,6 +149,9 @@ def make_figures(data_dir: Path = DATA, img_dir: Path = IMG, quality: bool = Tru
     drawn = []
     for name, sections, extra, fn, caption in FIGURES:
         data = next((d for s in sections if (d := read_data(s, data_dir)) is not None), None)
+        if data is None:  # a run of a subset names its section after it (finetune-steps80-dense-nf4)
+            found = sorted(data_dir.glob(f"{sections[0]}-*.json"), key=lambda f: f.stat().st_mtime)
+            data = read_data(found[-1].stem, data_dir) if found else None
         if data is None:
             continue
         commands = [data.get("command", "?")]
