@@ -31,13 +31,7 @@ def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return model(ids).logits
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny matmuls: with 2+ OpenMP threads on a busy CPU each step can take seconds instead of milliseconds
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny matmuls, one thread
 
 
 @pytest.fixture(scope="module")

@@ -26,13 +26,7 @@ from modulora_core.calibration_data import Calibration, calibration_tokens, reso
 VOCAB = 128
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny matmuls on a shared CPU: one thread avoids OpenMP hand-offs that cost more than the work
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny matmuls, one thread
 
 
 def tiny(kind: str = "llama", seed: int = 0) -> nn.Module:

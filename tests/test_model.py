@@ -29,13 +29,7 @@ def tiny_llama(seed: int = 0, tie: bool = True) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg).eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny matmuls: with 2+ OpenMP threads on a busy CPU each step can take seconds instead of milliseconds
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny matmuls, one thread
 
 
 @pytest.fixture(scope="module")

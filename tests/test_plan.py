@@ -28,12 +28,7 @@ def tiny_config(**kw) -> LlamaConfig:
     return LlamaConfig(**{**TINY, **kw}, architectures=["LlamaForCausalLM"])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny matmuls, one thread
 
 
 # -- exact packed sizes -------------------------------------------------------------------------------------

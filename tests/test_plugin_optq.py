@@ -33,12 +33,7 @@ NEEDS_GPTQ = pytest.mark.skipif(not HAVE_GPTQ, reason="GPTQModel and optimum are
                                 "(pip install 'modulora[gptq]' optimum)")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls on a shared CPU: OpenMP hand-offs cost more than the work
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny matmuls, one thread
 
 
 class TestActOrderAsym3bit(QuantizerConformance):
