@@ -169,6 +169,8 @@ def main() -> None:
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--no-write", action="store_true", help="print the table, leave docs/benchmarks.md alone")
     a = ap.parse_args()
+    if a.steps is not None and a.steps < 1:
+        ap.error(f"--steps must be at least 1, got {a.steps}")
     steps, n_eval, n_cal, cal_len = (20, 16, 16, 256) if a.quick else (80, 64, 64, 512)
     steps = a.steps or steps
     if a.one:
