@@ -1,6 +1,8 @@
 """ModuLoRA: finetune LLMs whose weights are stored in 2, 3 or 4 bits by any quantizer.
 
-The public face; everything here is re-exported from ``modulora_core``.
+The public face. The engine (quantized layer, transformers quantizer, plugins' protocol) comes from
+``modulora_core``; adapters come from PEFT. Importing ``modulora`` registers quantization method
+``"modulora"`` with transformers, so ``from_pretrained(dir)`` reloads a saved ModuLoRA model.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ from modulora_core import (
     Capabilities,
     CheckpointError,
     InvalidWeightError,
+    ModuLoRAConfig,
     ModuLoRAError,
     PackedWeight,
     PluginError,
+    QuantizedLinear,
     Quantizer,
     QuantizerConfig,
     QuantizerConfigError,
@@ -23,27 +27,22 @@ from modulora_core import (
     available_quantizers,
     get_quantizer,
     hookimpl,
+    iter_quantized_layers,
     list_plugins,
 )
-from modulora_core.adapters import dequantize, load_adapter, save_adapter
-from modulora_core.layers import ModuLoRALinear
-from modulora_core.lora_config import LoraConfig
-from modulora_core.model import (
-    iter_modulora_layers,
-    load,
-    load_quantized,
-    lora_parameters,
-    save_quantized,
-    set_adapter_enabled,
-)
-from modulora_core.plan import MemoryPlan, plan
+from modulora_core.checkpoint import save_quantized
+from modulora_core.merge import dequantize, merge_requantized
 
-__version__ = "0.1.0"
+from .adapters import load_adapter, save_adapter
+from .api import default_lora, load, lora_parameters
+from .plan import MemoryPlan, plan
+
+__version__ = "0.2.0"
 __all__ = [
     "AdapterError", "BoundQuantizer", "CalibrationError", "Capabilities", "CheckpointError",
-    "InvalidWeightError", "LoraConfig", "MemoryPlan", "ModuLoRAError", "ModuLoRALinear", "PackedWeight", "PluginError",
-    "Quantizer", "QuantizerConfig", "QuantizerConfigError", "TargetModulesError", "UnknownQuantizerError",
-    "available_quantizers", "get_quantizer", "hookimpl", "list_plugins",
-    "dequantize", "iter_modulora_layers", "load", "load_adapter", "load_quantized", "lora_parameters",
-    "plan", "save_adapter", "save_quantized", "set_adapter_enabled",
+    "InvalidWeightError", "MemoryPlan", "ModuLoRAConfig", "ModuLoRAError", "PackedWeight", "PluginError",
+    "QuantizedLinear", "Quantizer", "QuantizerConfig", "QuantizerConfigError", "TargetModulesError",
+    "UnknownQuantizerError", "available_quantizers", "default_lora", "dequantize", "get_quantizer", "hookimpl",
+    "iter_quantized_layers", "list_plugins", "load", "load_adapter", "lora_parameters", "merge_requantized",
+    "plan", "save_adapter", "save_quantized",
 ]

@@ -1,5 +1,5 @@
 """``python -m modulora ...`` (what ``torchrun -m modulora finetune ...`` runs): the ``modulora`` command."""
 
-from modulora_core.cli import main
+from modulora.cli import main
 
 main()

@@ -1,4 +1,8 @@
-"""modulora_core: the engine of ModuLoRA. Plugins import only the names re-exported here."""
+"""modulora_core: the engine of ModuLoRA. Plugins import only the names re-exported here.
+
+Importing it registers quantization method ``"modulora"`` with transformers (so ``from_pretrained`` reads
+ModuLoRA checkpoints) and, on the first QuantizedLinear, ModuLoRA's LoRA layer with PEFT.
+"""
 
 from __future__ import annotations
 
@@ -13,18 +17,31 @@ from .errors import (
     TargetModulesError,
     UnknownQuantizerError,
 )
+from .hf import ModuLoRAConfig, ModuLoRAHfQuantizer, mark_quantized
+from .hf import register as _register_with_transformers
 from .hookspecs import hookimpl
-from .layers import ModuLoRALinear
-from .lora_config import LoraConfig
-from .model import ModuLoRAInfo, finalize_model, matches_target, replace_linear
+from .qlinear import QuantizedLinear, iter_quantized_layers
 from .quantizer import Capabilities, PackedWeight, Quantizer, QuantizerConfig
 from .registry import BoundQuantizer, available_quantizers, get_quantizer, list_plugins
+from .surgery import (
+    PackedModule,
+    QuantizeOptions,
+    build_quantized_model,
+    matches_target,
+    quantize_model,
+    replace_linear,
+)
+
+_register_with_transformers()
 
 __all__ = [
     "AdapterError", "BoundQuantizer", "CalibrationError", "Capabilities", "CheckpointError",
     "InvalidWeightError", "ModuLoRAError", "PackedWeight", "PluginError", "Quantizer", "QuantizerConfig",
     "QuantizerConfigError", "TargetModulesError", "UnknownQuantizerError", "available_quantizers",
     "get_quantizer", "hookimpl", "list_plugins",
-    # for plugins that take over models quantized elsewhere
-    "LoraConfig", "ModuLoRAInfo", "ModuLoRALinear", "finalize_model", "matches_target", "replace_linear",
+    # the quantized base and transformers' side of it
+    "ModuLoRAConfig", "ModuLoRAHfQuantizer", "QuantizedLinear", "iter_quantized_layers", "mark_quantized",
+    # model surgery, for plugins that convert models quantized elsewhere
+    "PackedModule", "QuantizeOptions", "build_quantized_model", "matches_target", "quantize_model",
+    "replace_linear",
 ]

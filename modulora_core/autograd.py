@@ -3,7 +3,7 @@
 Forward materializes W (whole, or in tiles of ``chunk_rows`` rows), multiplies and frees it; it saves
 for backward only a reference to the packed storage - never the dense W and never x. Backward
 materializes again and returns ``grad_x = grad_y W``. No gradient reaches the packed storage; LoRA's own
-gradients come from ordinary autograd in :mod:`modulora_core.layers`.
+gradients come from PEFT's layers on top (:mod:`modulora_core.peft_lora`).
 """
 
 from __future__ import annotations

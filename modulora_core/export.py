@@ -14,10 +14,10 @@ from typing import Any
 from torch import nn
 
 from .errors import CheckpointError
-from .layers import ModuLoRALinear
+from .qlinear import QuantizedLinear
 
 
-def export_checkpoint(model: nn.Module, layers: Mapping[str, ModuLoRALinear], directory: str | os.PathLike,
+def export_checkpoint(model: nn.Module, layers: Mapping[str, QuantizedLinear], directory: str | os.PathLike,
                       format: str, *, tokenizer: Any = None) -> Path:
     """Write ``model`` (whose quantized ``layers`` all share one quantizer family) as a ``format`` checkpoint."""
     quantizers = {type(m.quantizer): m.quantizer for m in layers.values()}

@@ -228,10 +228,7 @@ def get_registry() -> Registry:
     global _REGISTRY
     with _LOCK:
         if _REGISTRY is None:
-            reg = Registry()
-            from . import builtin_format  # the core's own checkpoint format claims itself via the hook
-
-            reg.add_plugin(builtin_format, "modulora-core")
+            reg = Registry()  # the core's own formats are read by modulora_core.checkpoint, not a plugin
             reg.load_entry_points()
             _REGISTRY = reg
         return _REGISTRY

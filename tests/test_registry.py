@@ -227,11 +227,11 @@ def test_modulora_plugins_restricts_loading(make_dist, monkeypatch) -> None:
     make_dist("brokenplug", BROKEN_IMPORT)
     monkeypatch.setenv("MODULORA_PLUGINS", "rtn")
     reset_registry()
-    assert {p.name for p in list_plugins()} == {"modulora-core", "rtn"}
+    assert {p.name for p in list_plugins()} == {"rtn"}
     assert "rtn-4bit" in available_quantizers()
     monkeypatch.setenv("MODULORA_PLUGINS", " brokenplug ")
     reset_registry()
-    assert {p.name for p in list_plugins()} == {"modulora-core", "brokenplug"}
+    assert {p.name for p in list_plugins()} == {"brokenplug"}
     assert not [n for n in available_quantizers() if n.startswith("rtn")]
     with pytest.raises(UnknownQuantizerError) as e:
         get_quantizer("rtn-4bit")

@@ -90,8 +90,8 @@ def merged_copy(model: Any) -> Any:
     """For fast generation: a dense model with the same weights (each packed base materialized once, the
     LoRA update added), or ``model`` itself when it has no ModuLoRA layers. Costs the dense model's memory;
     a decode step then multiplies instead of re-materializing every layer for every token."""
-    from .adapters import dequantize
-    from .model import iter_modulora_layers
+    from modulora_core.adapters import dequantize
+    from modulora_core.model import iter_modulora_layers
 
     if next(iter_modulora_layers(model), None) is None:
         return model

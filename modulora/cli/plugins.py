@@ -18,7 +18,7 @@ def plugins(
     """List installed quantizer plugins: distribution, version, families, presets and load errors."""
     if ctx.invoked_subcommand is not None:
         return
-    from ..registry import list_plugins  # lazy: discovery imports every plugin
+    from modulora_core.registry import list_plugins  # lazy: discovery imports every plugin
 
     infos = list_plugins()
     if as_json:
@@ -55,6 +55,6 @@ def check(
     ),
 ) -> None:
     """Run the conformance kit on an installed preset; exits with pytest's status."""
-    from ..testing import run_conformance  # lazy: imports pytest
+    from modulora_core.testing import run_conformance  # lazy: imports pytest
 
     raise typer.Exit(run_conformance(name, list(pytest_args or [])))

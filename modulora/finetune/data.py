@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import DataError
+from modulora_core.errors import DataError
 
 # Pure-Python modules with substantial docstrings that import on every platform without side effects.
 STDLIB_MODULES = (

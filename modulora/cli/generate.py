@@ -28,7 +28,7 @@ def register(app: typer.Typer) -> None:
         """Generate an answer to --prompt."""
         import torch
 
-        from modulora_core.evaluate import generate as gen
+        from modulora.finetune.evaluate import generate as gen
 
         text = sys.stdin.read() if prompt == "-" else prompt
         with user_errors():

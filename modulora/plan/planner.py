@@ -3,8 +3,8 @@
 ``plan("llama-65b", "rtn-2bit", batch_size=1, seq_len=128, dtype="float16", device="cuda")`` returns a
 :class:`MemoryPlan`: a table of components and their total, and whether it fits a budget. Packed sizes are
 exact (each plugin's ``packed_nbytes``); the model's linears come from building it on the meta device; the
-activations follow :mod:`modulora_core.plan_activations`; what a plugin's materialize allocates is measured
-on a small real weight with :class:`~modulora_core.memtrace.PeakTracker`.
+activations follow :mod:`modulora.plan.activations`; what a plugin's materialize allocates is measured
+on a small real weight with :class:`~modulora.plan.memtrace.PeakTracker`.
 
 The step's peak is ``base weights + unquantized parts + LoRA state + saved activations + max(loss
 gradients at the start of backward, one layer's backward) + runtime allowance``; only the larger of the
@@ -22,14 +22,15 @@ from typing import Any
 
 import torch
 
-from .errors import ModuLoRAError
-from .lora_config import LoraConfig
+from modulora_core.errors import ModuLoRAError
+from peft import LoraConfig
+from modulora_core.surgery import matches_target
+from modulora_core.quantizer import PackedWeight, QuantizerConfig, dtype_from_name, dtype_name
+from modulora_core.registry import BoundQuantizer, get_quantizer
+
+from .activations import StepShape, activations
 from .memtrace import peak_bytes
-from .model import matches_target
-from .plan_activations import StepShape, activations
-from .plan_shapes import ModelShapes, model_config, model_shapes
-from .quantizer import PackedWeight, QuantizerConfig, dtype_from_name, dtype_name
-from .registry import BoundQuantizer, get_quantizer
+from .shapes import ModelShapes, model_config, model_shapes
 
 GiB = 1 << 30
 # Resident memory of the process itself: Python, torch, transformers, modulora, thread pools, allocator
@@ -336,7 +337,7 @@ def plan(model: Any, quantizer: QuantizerSpec = "rtn-4bit", *, batch_size: int =
     n_lora = lora.r * sum(t.out_features + t.in_features for t in shapes.targets)
     n_states = OPTIMIZER_STATES[opt]
     step = StepShape(tokens=tokens, compute_bytes=cb, lora_bytes=lb, r=lora.r,
-                     dropout=lora.dropout, checkpointing=gradient_checkpointing,
+                     dropout=lora.lora_dropout, checkpointing=gradient_checkpointing,
                      dropout_mask_bytes=lb if device == "cpu" else 1)
     act = activations(shapes, step)
     loss = act.head_saved + act.head_transient
@@ -369,7 +370,7 @@ def plan(model: Any, quantizer: QuantizerSpec = "rtn-4bit", *, batch_size: int =
                   f"{device}: " + ("calibrated on this project's CPU runner" if device == "cpu" and
                                    runtime_bytes is None else "assumed" if runtime_bytes is None else "given")),
     ]
-    settings = {"batch_size": batch_size, "seq_len": seq_len, "lora_r": lora.r, "lora_dropout": lora.dropout,
+    settings = {"batch_size": batch_size, "seq_len": seq_len, "lora_r": lora.r, "lora_dropout": lora.lora_dropout,
                 "target_modules": lora.target_modules, "dtype": dtype_name(cdt), "weight_dtype": dtype_name(wdt),
                 "optimizer": opt, "gradient_checkpointing": gradient_checkpointing, "chunk_rows": chunk_rows,
                 "device": device, "n_params": shapes.n_params}

@@ -44,8 +44,8 @@ def register(app: typer.Typer) -> None:
                 m = load_for_inference(path, adapter, quantizer)
                 metrics = perplexity_of(m, tok, text, max_length, batch_size)
             else:
-                from modulora_core.evaluate import evaluate_examples
-                from modulora_core.tasks import data_task, get_task
+                from modulora.finetune.evaluate import evaluate_examples
+                from modulora.finetune.tasks import data_task, get_task
 
                 t = get_task(task) if task else data_task(data)  # type: ignore[arg-type]
                 examples = t.examples(split)[:limit]
@@ -71,7 +71,7 @@ def perplexity_of(model: Any, tok: Any, text: str, window: int, batch_size: int)
     """Perplexity over ``text`` cut into non-overlapping windows of ``window`` tokens."""
     import torch
 
-    from modulora_core.evaluate import eval_mode
+    from modulora.finetune.evaluate import eval_mode
 
     ids = tok(text, add_special_tokens=False)["input_ids"]
     blocks = [ids[i:i + window] for i in range(0, len(ids), window)]

@@ -69,7 +69,7 @@ def register(app: typer.Typer) -> None:
 
 
 def _texts(source: str) -> list[str]:
-    from modulora_core.tasks import TASKS, data_task, get_task
+    from modulora.finetune.tasks import TASKS, data_task, get_task
 
     task = get_task(source) if source in TASKS else data_task(source)
     return [f"{e.prompt}\n{e.completion}" if e.prompt else e.completion for e in task.examples("train")]

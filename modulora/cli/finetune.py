@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
-from modulora_core.train_config import TrainConfig
+from modulora.finetune.train_config import TrainConfig
 
 from .common import (
     console,
@@ -137,7 +137,7 @@ def _lora(opts: dict[str, Any]) -> Any:
 
 
 def _task(opts: dict[str, Any]) -> Any:
-    from modulora_core.tasks import data_task, get_task
+    from modulora.finetune.tasks import data_task, get_task
 
     return data_task(opts["data"]) if opts["data"] else get_task(opts["task"])
 
@@ -147,8 +147,8 @@ def run(opts: dict[str, Any], *, resume: bool = False) -> dict[str, Any]:
     import torch
 
     import modulora
-    from modulora_core.encoding import EncodedDataset, PadCollator, pad_id
-    from modulora_core.train import (
+    from modulora.finetune.encoding import EncodedDataset, PadCollator, pad_id
+    from modulora.finetune.train import (
         GracefulStop,
         ModuLoRATrainer,
         exclude_frozen_from_ddp,
@@ -263,13 +263,13 @@ def run(opts: dict[str, Any], *, resume: bool = False) -> dict[str, Any]:
 
 
 def _smollm2() -> Path:
-    from modulora_core.pretrained import smollm2_dir
+    from modulora.finetune.pretrained import smollm2_dir
 
     return smollm2_dir()
 
 
 def _max_length(opts: dict[str, Any], model: Any) -> int:
-    from modulora_core.encoding import context_length
+    from modulora.finetune.encoding import context_length
 
     ctx_len = context_length(model)
     if ctx_len and opts["max_length"] > ctx_len:
@@ -295,7 +295,7 @@ def _calibration_texts(task: Any) -> list[str]:
 
 
 def _score(model: Any, tok: Any, task: Any, val: list, max_len: int, opts: dict, chat: Any) -> dict:
-    from modulora_core.evaluate import evaluate_examples
+    from modulora.finetune.evaluate import evaluate_examples
 
     return evaluate_examples(model, tok, task, val, max_length=max_len, batch_size=max(8, opts["batch_size"]),
                              chat=chat, progress=is_main_process(), merged=opts.get("eval_merged", True))

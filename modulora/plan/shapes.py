@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from .errors import ModuLoRAError
+from modulora_core.errors import ModuLoRAError
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -126,7 +126,7 @@ def _get(cfg: PretrainedConfig, *names: str) -> Any:
 
 def model_shapes(config: PretrainedConfig, target_modules: list[str] | str | None) -> ModelShapes:
     """Enumerate the model's linears exactly on the meta device; ``target_modules`` as in ``LoraConfig``."""
-    from .model import build_empty, select_targets
+    from modulora_core.surgery import build_empty, select_targets
 
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     dims = {k: _get(text, *names) for k, names in {

@@ -16,7 +16,7 @@ app = typer.Typer(
 # (in _register) so `modulora --help` stays fast. To add a group, add its module name here.
 COMMANDS = ("finetune", "quantize", "evaluate", "generate", "merge")
 # Optional groups that other work adds; listed here so the place is clear, skipped while absent:
-#   plan — the memory planner (modulora_core/cli/plan.py, `register(app)`).
+#   plan — the memory planner (modulora/cli/plan.py, `register(app)`).
 OPTIONAL_COMMANDS = ("plan",)
 
 

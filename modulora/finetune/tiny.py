@@ -1,5 +1,5 @@
 """A tiny random Llama with a byte-level tokenizer and a chat template: nothing to download, seconds to
-train. For smoke tests of the whole pipeline (``python -m modulora_core.tiny DIR`` writes one), never for
+train. For smoke tests of the whole pipeline (``python -m modulora.finetune.tiny DIR`` writes one), never for
 numbers that mean anything."""
 
 from __future__ import annotations

@@ -1,0 +1,144 @@
+"""``modulora.load``: the one-call shortcut for quantize (or reload) + PEFT adapters.
+
+It is ``from_pretrained(..., quantization_config=ModuLoRAConfig(...))`` followed by
+``peft.get_peft_model(model, lora)``, spelled once; every piece also works on its own.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from modulora_core import (
+    BoundQuantizer,
+    CheckpointError,
+    ModuLoRAConfig,
+    QuantizeOptions,
+    QuantizerConfig,
+    UnknownQuantizerError,
+    available_quantizers,
+    get_quantizer,
+    iter_quantized_layers,
+    mark_quantized,
+    quantize_model,
+)
+from modulora_core.checkpoint import checkpoint_kind, load_legacy
+from modulora_core.registry import get_registry
+
+if TYPE_CHECKING:
+    from peft import LoraConfig, PeftModel
+    from transformers import PreTrainedModel
+
+QuantizerLike = str | QuantizerConfig | BoundQuantizer  # a preset name, a plugin config, or resolved
+DEFAULT = "default"  # lora=DEFAULT: r=8, alpha=16 on every quantized module
+
+
+def default_lora(model: nn.Module, *, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+                 target_modules: list[str] | str | None = None) -> LoraConfig:
+    """PEFT's ``LoraConfig`` with ModuLoRA's defaults: LoRA on every quantized module (leaf names)."""
+    from peft import LoraConfig
+
+    if target_modules is None:
+        target_modules = sorted({n.rsplit(".", 1)[-1] for n, _ in iter_quantized_layers(model)})
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                      task_type="CAUSAL_LM")
+
+
+def load(model: PreTrainedModel | str | os.PathLike, quantizer: QuantizerLike | None = None, *,
+         lora: LoraConfig | str | None = DEFAULT, targets: list[str] | str | None = None,
+         modules_to_not_convert: list[str] | None = None, calibration: Any = None,
+         n_samples: int | None = None, seq_len: int | None = None, chunk_rows: int | None = None,
+         torch_dtype: torch.dtype | None = None) -> PeftModel | PreTrainedModel:
+    """Quantize a causal LM (or reload a quantized one) and attach PEFT LoRA adapters.
+
+    ``model``: a transformers causal LM (quantized in place), a path or model id (loaded in ``torch_dtype``,
+    float32 by default), or a quantized checkpoint (ours, or one a plugin reads, e.g. GPTQ), loaded packed
+    as it is when ``quantizer`` is None. ``targets`` / ``modules_to_not_convert`` choose what is
+    quantized (default: every linear of the decoder blocks); ``lora`` chooses where adapters go, apart:
+    a ``peft.LoraConfig`` (``target_modules=["q_proj", "v_proj"]``, ``use_dora=True``, ...), the default
+    (r=8, alpha=16 on every quantized module), or None for no adapter. Returns a ``PeftModel``, or the
+    quantized transformers model when ``lora`` is None.
+    """
+    base = _quantized_base(model, quantizer, targets=targets, skip=modules_to_not_convert,
+                           calibration=calibration, n_samples=n_samples, seq_len=seq_len,
+                           chunk_rows=chunk_rows, torch_dtype=torch_dtype)
+    if lora is None:
+        return base
+    from peft import get_peft_model
+
+    if isinstance(lora, str):
+        if lora != DEFAULT:
+            raise ValueError(f"lora must be a peft.LoraConfig, None, or {DEFAULT!r}; got {lora!r}")
+        lora = default_lora(base)
+    return get_peft_model(base, lora)
+
+
+def _quantized_base(model: Any, quantizer: QuantizerLike | None, *, targets: Any, skip: Any, calibration: Any,
+                    n_samples: int | None, seq_len: int | None, chunk_rows: int | None,
+                    torch_dtype: torch.dtype | None) -> PreTrainedModel:
+    is_path = isinstance(model, (str, os.PathLike))
+    kind = checkpoint_kind(model) if is_path else None
+    if kind is not None:  # already quantized by ModuLoRA: load it packed
+        if kind == "legacy":
+            base = load_legacy(model, chunk_rows=chunk_rows)
+        else:
+            from transformers import AutoModelForCausalLM
+
+            base = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch_dtype)
+            if chunk_rows is not None:
+                for _, layer in iter_quantized_layers(base):
+                    layer.chunk_rows = chunk_rows
+        if quantizer is not None:
+            _check_requested(model, base, quantizer)
+        return base
+    loader = get_registry().detect_format(model)
+    if loader is not None:  # quantized elsewhere (GPTQ, bitsandbytes): converted as it is
+        base = loader(model, chunk_rows=chunk_rows)
+        if quantizer is not None:
+            _check_requested(model, base, quantizer)
+        return base
+    if quantizer is None:
+        raise UnknownQuantizerError(
+            f"no quantizer given and {_describe(model)} is not a quantized checkpoint that ModuLoRA or an "
+            f"installed plugin reads. Pass quantizer=one of: {', '.join(available_quantizers()) or '(none)'}")
+    bq = quantizer if isinstance(quantizer, BoundQuantizer) else get_quantizer(quantizer)
+    qc = ModuLoRAConfig(bq, targets=targets, modules_to_not_convert=skip, calibration=calibration,
+                        n_samples=n_samples, seq_len=seq_len, chunk_rows=chunk_rows)
+    if is_path:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(str(model), dtype=torch_dtype or torch.float32,
+                                                    quantization_config=qc)
+    if torch_dtype is not None:
+        model = model.to(torch_dtype)
+    quantize_model(model, bq, QuantizeOptions(targets=targets, skip=tuple(skip or ()), calibration=calibration,
+                                              n_samples=n_samples, seq_len=seq_len, chunk_rows=chunk_rows))
+    qc.calibration = None
+    return mark_quantized(model, qc)
+
+
+def _check_requested(where: Any, base: nn.Module, quantizer: QuantizerLike) -> None:
+    import json
+
+    bq = quantizer if isinstance(quantizer, BoundQuantizer) else get_quantizer(quantizer)
+    want = json.loads(bq.config.to_json())
+    for name, layer in iter_quantized_layers(base):
+        have = json.loads(layer.packed.config.to_json())
+        if have != want:
+            raise CheckpointError(
+                f"{_describe(where)} holds weights quantized with {layer.preset!r} ({json.dumps(have)}), not the "
+                f"requested {bq.name!r} ({json.dumps(want)}): its dense weights are gone. Omit quantizer= to load "
+                f"it as saved, or quantize the dense model with {bq.name!r}")
+
+
+def _describe(model: Any) -> str:
+    return repr(str(model)) if isinstance(model, (str, os.PathLike)) else f"a {type(model).__name__} instance"
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable parameters (what PEFT left trainable: LoRA A/B, DoRA magnitudes, ...)."""
+    return [p for p in model.parameters() if p.requires_grad]
+

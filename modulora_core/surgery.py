@@ -1,0 +1,235 @@
+"""Model surgery: quantize a causal LM's linears into QuantizedLinear, and build one from packed tensors.
+
+``quantize_model`` swaps every targeted ``nn.Linear`` for a :class:`QuantizedLinear`, one layer at a
+time (the dense weight is dropped as soon as its packed form exists), calibrating block by block where the
+quantizer needs it. ``build_quantized_model`` is the one "packed tensors -> model" builder that every
+loader calls: our own legacy layout, GPTQ checkpoints and bitsandbytes takeovers. transformers is imported
+lazily so ``import modulora_core`` stays light.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .calibrate import decoder_blocks, quantize_blockwise
+from .calibration_data import Calibration, calibration_tokens, resolve_calibration
+from .errors import CalibrationError, CheckpointError, ModuLoRAError, TargetModulesError
+from .qlinear import QuantizedLinear, iter_quantized_layers
+from .quantizer import PackedWeight, Quantizer
+from .registry import BoundQuantizer, get_quantizer
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
+
+    from .hf import ModuLoRAConfig
+
+Targets = list[str] | str | None  # PEFT semantics: suffixes, a regex, "all-linear", or None (decoder blocks)
+
+
+# -- choosing modules ---------------------------------------------------------------------------------------
+def matches_target(name: str, target_modules: list[str] | str) -> bool:
+    """PEFT semantics: a list matches by name or ``.``-suffix, a string is a regex for ``re.fullmatch``."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def select_targets(model: nn.Module, targets: Targets, skip: Iterable[str] = ()) -> list[str]:
+    """Names of the ``nn.Linear`` modules to quantize, minus those matching ``skip`` (suffixes).
+
+    ``targets`` None: every linear of the decoder blocks (never embeddings or the LM head);
+    ``"all-linear"``: every linear but the LM head (PEFT's meaning). ``TargetModulesError`` when none match.
+    """
+    linears = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    if targets is None:
+        blocks = decoder_blocks(model)
+        if blocks is None:
+            raise TargetModulesError(
+                f"found no decoder-block ModuleList in {type(model).__name__}; pass targets=[...] naming "
+                f"linears such as {linears[:6]}")
+        names = [n for n in linears if n.startswith(blocks + ".")]
+    elif targets == "all-linear":
+        out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        names = [n for n in linears if model.get_submodule(n) is not out]
+    else:
+        try:
+            names = [n for n in linears if matches_target(n, targets)]
+        except re.error as e:
+            raise TargetModulesError(f"targets {targets!r} is not a valid regex: {e}") from e
+    skip = list(skip)
+    if skip:
+        names = [n for n in names if not matches_target(n, skip)]
+    if not names:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in linears})
+        raise TargetModulesError(
+            f"no nn.Linear in {type(model).__name__} matches targets={targets!r} (skipping {skip}). Linear "
+            f"leaf names here: {leaves}; e.g. full names {linears[:4]}")
+    return names
+
+
+# -- tied tensors and meta building ----------------------------------------------------------------------
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """``{alias key: source key}`` for state-dict entries that share storage (tied embeddings)."""
+    seen: dict[Any, str] = {}
+    tied: dict[str, str] = {}
+    for key, t in model.state_dict(keep_vars=True).items():
+        if t.is_meta or t.numel() == 0:
+            ident: Any = id(t)
+        else:
+            ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
+                     tuple(t.stride()), t.dtype)
+        if ident in seen:
+            tied[key] = seen[ident]
+        else:
+            seen[ident] = key
+    return tied
+
+
+def retie(model: nn.Module, tied: Mapping[str, str]) -> None:
+    """Make each alias the very same tensor as its source (what ``tie_weights`` does for embeddings)."""
+    for alias, source in tied.items():
+        a_mod, _, a_name = alias.rpartition(".")
+        s_mod, _, s_name = source.rpartition(".")
+        setattr(model.get_submodule(a_mod), a_name, getattr(model.get_submodule(s_mod), s_name))
+
+
+def build_empty(config: PretrainedConfig, cls: type | None = None) -> PreTrainedModel:
+    """The model of ``config`` with its parameters on the meta device (buffers such as RoPE's inv_freq
+    are real), ready for ``load_state_dict(..., assign=True)``."""
+    import transformers
+    from accelerate import init_empty_weights
+
+    if cls is None:
+        for arch in config.architectures or []:
+            cls = getattr(transformers, arch, None)
+            if cls is not None:
+                break
+    with init_empty_weights():  # parameters only: buffers computed in __init__ must stay real
+        if cls is None:
+            return transformers.AutoModelForCausalLM.from_config(config)
+        return cls._from_config(config) if hasattr(cls, "_from_config") else cls(config)
+
+
+def check_no_meta(model: nn.Module, what: str, error: type[Exception] = CheckpointError) -> None:
+    """Raise ``error`` when some parameter or buffer of ``model`` is still on the meta device."""
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise error(f"{what} has no values for {len(left)} tensors, e.g. {left[:5]}; it is incomplete")
+
+
+# -- swapping layers ------------------------------------------------------------------------------------------
+def replace_linear(model: nn.Module, name: str, packed: PackedWeight, quantizer: Quantizer | BoundQuantizer, *,
+                   bias: torch.Tensor | None = None, chunk_rows: int | None = None, preset: str | None = None,
+                   plugin_version: str | None = None) -> QuantizedLinear:
+    """Put a QuantizedLinear over ``packed`` (``[out, in]``) in place of module ``name``; returns it."""
+    if isinstance(quantizer, BoundQuantizer):
+        preset, plugin_version, quantizer = preset or quantizer.name, plugin_version or quantizer.version, \
+            quantizer.quantizer
+    parent_name, _, leaf = name.rpartition(".")
+    layer = QuantizedLinear(packed, quantizer, bias=bias, chunk_rows=chunk_rows, preset=preset,
+                            plugin_version=plugin_version)
+    setattr(model.get_submodule(parent_name) if parent_name else model, leaf, layer.to(packed.device))
+    return layer
+
+
+def _swap_in(model: nn.Module, name: str, bq: BoundQuantizer, chunk_rows: int | None,
+             hessian: torch.Tensor | None) -> None:
+    old = model.get_submodule(name)
+    weight = old.weight.detach()  # (out, in)
+    packed = bq.quantize(weight.to(torch.float32), hessian)
+    packed.dtype = weight.dtype  # remember the model's dtype (export, dequantize), not the compute one
+    replace_linear(model, name, packed, bq, chunk_rows=chunk_rows,
+                   bias=None if old.bias is None else old.bias.detach())
+    del old, weight  # the last reference to the dense weight (unless tied): peak memory stays one layer
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """How ``quantize_model`` picks and calibrates modules (the fields of ``ModuLoRAConfig`` it reads)."""
+
+    targets: Targets = None
+    skip: tuple[str, ...] = ()
+    calibration: Any = None
+    n_samples: int | None = None
+    seq_len: int | None = None
+    chunk_rows: int | None = None
+
+
+def quantize_model(model: PreTrainedModel, preset: str | Any, opts: QuantizeOptions | None = None,
+                   *, source: Any = None) -> list[str]:
+    """Quantize the targeted linears of ``model`` in place with ``preset`` (a name, config or BoundQuantizer).
+
+    Calibrates block by block when the quantizer needs it (``opts.calibration``: tokens, text, a dataset, a
+    :class:`Calibration`, or ``{name: X^T X}``). ``source`` is where the tokenizer for text calibration comes
+    from (default: the model's ``name_or_path``). Returns the quantized module names.
+    """
+    opts = opts or QuantizeOptions()
+    bq = preset if isinstance(preset, BoundQuantizer) else get_quantizer(preset)
+    if any(True for _ in iter_quantized_layers(model)):
+        raise ModuLoRAError("model already has quantized layers; quantize the dense model instead")
+    cal = resolve_calibration(bq.name, bq.capabilities().needs_calibration, opts.calibration, opts.n_samples,
+                              opts.seq_len)
+    names = select_targets(model, opts.targets, opts.skip)
+    if isinstance(cal, Mapping) and (absent := [n for n in names if n not in cal]):
+        raise CalibrationError(f"calibration has no Hessian for {len(absent)} target modules, e.g. "
+                               f"{absent[:3]}; give one per module, or calibration data instead")
+    tied = tied_aliases(model)
+    tied_before = set(tied) | set(tied.values())
+    if isinstance(cal, Calibration):  # Hessians from data, one decoder block at a time
+        src = source or getattr(model, "name_or_path", None) or None
+        quantize_blockwise(model, names, calibration_tokens(cal, src),
+                           lambda n, h: _swap_in(model, n, bq, opts.chunk_rows, h), cal, desc=bq.name)
+    else:
+        for name in names:
+            _swap_in(model, name, bq, opts.chunk_rows, None if cal is None else cal[name])
+    if any(f"{n}.weight" in tied_before for n in names) and hasattr(model.config, "tie_word_embeddings"):
+        # a quantized lm_head no longer shares the embedding's storage: stop transformers retying them
+        model.config.tie_word_embeddings = False
+    return names
+
+
+# -- the one builder ------------------------------------------------------------------------------------------
+@dataclass
+class PackedModule:
+    """One quantized module for :func:`build_quantized_model`: its packed weight, plugin and bias."""
+
+    packed: PackedWeight
+    quantizer: BoundQuantizer
+    bias: torch.Tensor | None = None
+
+
+def build_quantized_model(config: PretrainedConfig, modules: Mapping[str, PackedModule],
+                          tensors: dict[str, torch.Tensor], *, tied: Mapping[str, str] | None = None,
+                          chunk_rows: int | None = None, cls: type | None = None, where: str = "checkpoint",
+                          qconfig: ModuLoRAConfig | None = None) -> PreTrainedModel:
+    """A model of ``config`` whose ``modules`` are QuantizedLinear over the given packed weights and whose
+    other parameters come from ``tensors`` (assigned, not copied). Nothing is re-quantized. Returns the
+    model frozen, in eval mode, marked quantized (``model.config.quantization_config``)."""
+    from .hf import ModuLoRAConfig, mark_quantized
+
+    model = build_empty(config, cls)
+    for name, pm in modules.items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"{where}: module {name} is not in the {type(model).__name__} built from its "
+                                  f"config") from None
+        if not isinstance(old, nn.Linear) or (old.out_features, old.in_features) != tuple(pm.packed.shape):
+            raise CheckpointError(f"{where}: module {name} is {old} in the model built from its config, not "
+                                  f"an nn.Linear of shape {list(pm.packed.shape)}")
+        replace_linear(model, name, pm.packed, pm.quantizer, bias=pm.bias, chunk_rows=chunk_rows)
+    result = model.load_state_dict(tensors, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise CheckpointError(f"{where} has tensors the model lacks: {result.unexpected_keys[:5]}")
+    retie(model, tied or {})
+    check_no_meta(model, where)
+    model.eval()  # as from_pretrained returns it
+    first = next(iter(modules.values())).quantizer
+    mark_quantized(model, qconfig or ModuLoRAConfig.from_preset(first, chunk_rows=chunk_rows))
+    return model
