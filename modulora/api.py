@@ -125,7 +125,7 @@ def _check_requested(where: Any, base: nn.Module, quantizer: QuantizerLike) -> N
 
     bq = quantizer if isinstance(quantizer, BoundQuantizer) else get_quantizer(quantizer)
     want = json.loads(bq.config.to_json())
-    for name, layer in iter_quantized_layers(base):
+    for _, layer in iter_quantized_layers(base):
         have = json.loads(layer.packed.config.to_json())
         if have != want:
             raise CheckpointError(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -156,21 +155,14 @@ def _forget_bnb(model: nn.Module) -> None:
             setattr(model, attr, False)
 
 
-def take_over(model_or_path: Any, *, lora: Any = None, chunk_rows: int | None = None) -> nn.Module:
-    """Swap every ``Linear4bit`` of a bitsandbytes 4-bit model for a ModuLoRALinear over the same bytes.
+def take_over(model_or_path: Any, *, chunk_rows: int | None = None) -> nn.Module:
+    """Swap every ``Linear4bit`` of a bitsandbytes 4-bit model for a QuantizedLinear over the same bytes.
 
     ``model_or_path``: a model with Linear4bit modules (modified in place and returned) or a directory that
-    transformers saved from one (loaded on the CPU first). ``lora`` (a ``modulora.LoraConfig``, default
-    ``LoraConfig()``) is attached to every converted layer; ``chunk_rows`` as in ``modulora.load``.
+    transformers saved from one (loaded on the CPU first). ``chunk_rows`` as in ``modulora.load``. The
+    result is a ModuLoRA model (``config.quantization_config`` is a ``ModuLoRAConfig``) without adapters.
     """
-    from modulora_core import (
-        LoraConfig,
-        ModuLoRAInfo,
-        finalize_model,
-        get_quantizer,
-        matches_target,
-        replace_linear,
-    )
+    from modulora_core import ModuLoRAConfig, get_quantizer, mark_quantized, replace_linear
 
     if isinstance(model_or_path, (str, os.PathLike)):
         from transformers import AutoModelForCausalLM
@@ -182,23 +174,13 @@ def take_over(model_or_path: Any, *, lora: Any = None, chunk_rows: int | None = 
     if not names:
         raise ModuLoRAError(f"{type(model).__name__} has no bitsandbytes Linear4bit modules to take over; "
                             "load it with BitsAndBytesConfig(load_in_4bit=True), or pass a quantizer name")
-    lcfg = lora or LoraConfig()
-    if lcfg.target_modules not in (None, "all-linear") and not all(matches_target(n, lcfg.target_modules)
-                                                                   for n in names):
-        warnings.warn(f"LoRA attaches to every bitsandbytes 4-bit module ({len(names)}); target_modules="
-                      f"{lcfg.target_modules!r} does not change which", stacklevel=2)
-    quantizer, bound = NF4Quantizer(), None
+    bound = None
     for name in names:
         old = model.get_submodule(name)
         packed = packed_from_linear4bit(old, where=name)
         bound = get_quantizer(packed.config)  # the installed plugin's name and version, for checkpoints
-        replace_linear(model, name, packed, quantizer, lora=lcfg, chunk_rows=chunk_rows,
-                       bias=None if old.bias is None else old.bias.detach(),
-                       quantizer_name=preset_name(packed.config), plugin_version=bound.version)
+        replace_linear(model, name, packed, bound, chunk_rows=chunk_rows, preset=preset_name(packed.config),
+                       bias=None if old.bias is None else old.bias.detach())
         del old
     _forget_bnb(model)
-    info = ModuLoRAInfo.from_bound(
-        bound, lora=lcfg, chunk_rows=chunk_rows, modules=names,
-        base_model_name_or_path=getattr(getattr(model, "config", None), "_name_or_path", None))
-    info.quantizer = preset_name(bound.config)
-    return finalize_model(model, info)
+    return mark_quantized(model, ModuLoRAConfig(bound, chunk_rows=chunk_rows))

@@ -1,4 +1,4 @@
-"""The quantization-agnostic backward: gradients, chunking, and what is saved for backward."""
+"""The quantization-agnostic backward under PEFT's LoRA: gradients, chunking, what is saved for backward."""
 
 from __future__ import annotations
 
@@ -7,27 +7,36 @@ import torch
 
 import modulora
 from modulora_core.autograd import quantized_matmul
-from modulora_core.layers import ModuLoRALinear
+from modulora_core.qlinear import QuantizedLinear
+from modulora_core.testing.autograd_checks import lora_over
 
 
 def make_layer(out_f=48, in_f=64, preset="rtn-4bit", r=4, chunk_rows=None, bias=True, seed=0):
+    """PEFT's LoRA layer (random A and B) over a QuantizedLinear."""
     g = torch.Generator().manual_seed(seed)
     bq = modulora.get_quantizer(preset)
     w = torch.randn(out_f, in_f, generator=g)
     b = torch.randn(out_f, generator=g) if bias else None
-    layer = ModuLoRALinear(bq.quantize(w), bq.quantizer, r=r, alpha=2 * r, bias=b, chunk_rows=chunk_rows)
-    with torch.no_grad():  # B starts at zero; give it values so its gradient path is exercised too
-        layer.lora_B.weight.normal_(0, 0.1, generator=g)
-    return layer
+    torch.manual_seed(seed)
+    return lora_over(QuantizedLinear(bq.quantize(w), bq.quantizer, bias=b, chunk_rows=chunk_rows), r, torch.float32)
 
 
-def dense_reference(layer: ModuLoRALinear, x: torch.Tensor):
+def A(layer):
+    return layer.lora_A["default"].weight
+
+
+def B(layer):
+    return layer.lora_B["default"].weight
+
+
+def dense_reference(layer, x: torch.Tensor):
     """The same layer as plain float64 autograd on the materialized weight."""
-    w = layer.dense_weight(torch.float64)
-    a = layer.lora_A.weight.detach().double().requires_grad_()
-    b = layer.lora_B.weight.detach().double().requires_grad_()
+    base = layer.get_base_layer()
+    w = base.dequantize(torch.float64)
+    a = A(layer).detach().double().requires_grad_()
+    b = B(layer).detach().double().requires_grad_()
     x = x.detach().double().requires_grad_()
-    y = x @ w.T + layer.bias.double() + layer.scaling * (x @ a.T @ b.T)
+    y = x @ w.T + base.bias.double() + layer.scaling["default"] * (x @ a.T @ b.T)
     return x, a, b, y
 
 
@@ -42,8 +51,8 @@ def test_gradients_match_dense_float64_reference(chunk_rows):
     yr.backward(gy.double())
     torch.testing.assert_close(y.double(), yr, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad.double(), xr.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(layer.lora_A.weight.grad.double(), ar.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(layer.lora_B.weight.grad.double(), br.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(A(layer).grad.double(), ar.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(B(layer).grad.double(), br.grad, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("chunk_rows", [None, 5])
@@ -60,10 +69,10 @@ def test_packed_storage_and_frozen_parts_get_no_gradient():
     layer = make_layer()
     layer(torch.randn(2, 64)).sum().backward()
     trainable = {n for n, p in layer.named_parameters() if p.requires_grad}
-    assert trainable == {"lora_A.weight", "lora_B.weight"}
-    assert layer.bias.grad is None
+    assert trainable == {"lora_A.default.weight", "lora_B.default.weight"}
+    assert layer.get_base_layer().bias.grad is None
     for name, buf in layer.named_buffers():
-        assert name.startswith("packed_") and not isinstance(buf, torch.nn.Parameter)
+        assert name.startswith("base_layer.packed_") and not isinstance(buf, torch.nn.Parameter)
         assert buf.grad is None
 
 
@@ -89,7 +98,9 @@ def test_no_dense_weight_saved_for_backward(chunk_rows):
 
 
 def test_dtype_follows_input_and_grad_dtype_matches():
-    layer = make_layer(chunk_rows=8).to(torch.float64)
+    layer = make_layer(chunk_rows=8)
+    for p in layer.parameters():
+        p.data = p.data.double()
     x = torch.randn(2, 64, dtype=torch.float64, requires_grad=True)
     y = layer(x)
     assert y.dtype == torch.float64
@@ -109,9 +120,10 @@ def test_bfloat16_input_runs_and_is_close():
 def test_adapter_disabled_gives_base_only():
     layer = make_layer(bias=False)
     x = torch.randn(3, 64)
-    layer.adapter_enabled = False
+    layer.enable_adapters(False)
     base = layer(x)
-    torch.testing.assert_close(base, x @ layer.dense_weight(torch.float32).T)
+    torch.testing.assert_close(base, x @ layer.get_base_layer().dequantize(torch.float32).T)
+    assert not torch.equal(make_layer(bias=False)(x), base)
 
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5])
