@@ -4,7 +4,7 @@ QLoRA, same data, seeds and steps; validation loss and ROUGE-L before and after,
 Every configuration runs in its own subprocess (peak RSS = the kernel's VmHWM of that process, so one
 configuration's memory never shows in another's). Dense LoRA and QLoRA use stock PEFT on the float32 model;
 ModuLoRA configurations use ``modulora.load`` (+ calibration on the docsum training text where needed) and
-:class:`~modulora_core.train.ModuLoRATrainer`. All: LoRA r=8, alpha=16 on every decoder-block linear,
+:class:`~modulora.finetune.train.ModuLoRATrainer`. All: LoRA r=8, alpha=16 on every decoder-block linear,
 AdamW lr 1e-3, cosine schedule, batch 4, the same seed and data order.
 
     python -m benchmarks.bench_finetune            # 80 steps, 64 validation examples
@@ -70,12 +70,12 @@ def run_one(config: str, steps: int, n_eval: int, n_cal: int, cal_len: int) -> d
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
 
     import modulora
-    from modulora_core.cli.common import quantize
-    from modulora_core.encoding import EncodedDataset, PadCollator, pad_id
-    from modulora_core.evaluate import evaluate_examples
-    from modulora_core.pretrained import smollm2_dir
-    from modulora_core.tasks import docsum
-    from modulora_core.train import ModuLoRATrainer, TrainConfig, loss_history, training_arguments
+    from modulora.cli.common import quantize
+    from modulora.finetune.encoding import EncodedDataset, PadCollator, pad_id
+    from modulora.finetune.evaluate import evaluate_examples
+    from modulora.finetune.pretrained import smollm2_dir
+    from modulora.finetune.tasks import docsum
+    from modulora.finetune.train import ModuLoRATrainer, TrainConfig, loss_history, training_arguments
 
     torch.manual_seed(0)
     path = str(smollm2_dir())

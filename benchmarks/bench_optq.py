@@ -30,9 +30,9 @@ import torch
 
 import modulora
 from benchmarks.bench_quipsharp import bits_per_weight
+from modulora.finetune.data import docstring_splits
+from modulora.finetune.pretrained import smollm2_dir
 from modulora_core.calibration_data import Calibration, calibration_tokens
-from modulora_core.data import docstring_splits
-from modulora_core.pretrained import smollm2_dir
 from modulora_plugin_optq import OPTQConfig
 from modulora_plugin_optq.gptqmodel_ref import GPTQModelJob, gptqmodel_available, quantize_with_gptqmodel
 

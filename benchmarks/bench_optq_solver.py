@@ -28,9 +28,9 @@ def capture_hessians(n_samples: int, seq_len: int, blocks: list[int]) -> dict[st
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from benchmarks.bench_optq import texts
+    from modulora.finetune.pretrained import smollm2_dir
     from modulora_core.calibrate import quantize_blockwise
     from modulora_core.calibration_data import Calibration, calibration_tokens
-    from modulora_core.pretrained import smollm2_dir
 
     d = smollm2_dir()
     cal = Calibration([texts()[0]], n_samples=n_samples, seq_len=seq_len, tokenizer=AutoTokenizer.from_pretrained(d),

@@ -26,7 +26,7 @@ def smollm2_linears(every: int = 1) -> list[tuple[str, torch.Tensor]]:
     """``(name, [out, in] float32 weight)`` of the decoder linears of SmolLM2-135M."""
     from safetensors.torch import load_file
 
-    from modulora_core.pretrained import smollm2_dir
+    from modulora.finetune.pretrained import smollm2_dir
 
     sd = load_file(str(smollm2_dir() / "model.safetensors"))
     keep = []

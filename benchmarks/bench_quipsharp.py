@@ -1,7 +1,7 @@
 """QuIP# on SmolLM2-135M: perplexity against OPTQ, NF4, RTN and HQQ at 2/3/4 bits, quantization time, fast path.
 
 Every quantizer sees the same model (SmolLM2-135M-Instruct, real weights, float32) and, where it needs
-calibration, the same tokens: windows of the train split of the stdlib docstrings (modulora_core.data),
+calibration, the same tokens: windows of the train split of the stdlib docstrings (modulora.finetune.data),
 run block by block through the core calibration pipeline (``modulora.load(..., calibration=...)``).
 Perplexity is measured on windows of the held-out test split. Then one 1536x576 and one 4096x4096 layer
 run forward+backward through ModuLoRALinear on the fast path (Hadamard transforms of the activations,
@@ -39,7 +39,7 @@ PRESETS = ["quip#-2bit", "quip#-3bit", "quip#-4bit", "optq-2bit", "optq-3bit", "
 
 def docstring_text(split: str) -> str:
     """The ``split`` of the stdlib docstrings as one text: signature line, then the docstring."""
-    from modulora_core.data import docstring_splits
+    from modulora.finetune.data import docstring_splits
 
     return "\n\n".join(f"{d.qualname}{d.signature}\n{d.doc}" for d in docstring_splits()[split])
 
@@ -183,7 +183,7 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     from transformers import AutoTokenizer
 
-    from modulora_core.pretrained import smollm2_dir
+    from modulora.finetune.pretrained import smollm2_dir
 
     path = smollm2_dir()
     tok = AutoTokenizer.from_pretrained(path)

@@ -32,7 +32,7 @@ from modulora_core import (
 
 from .config import OPTQConfig, from_gptq_config, preset_name, to_gptq_config
 from .packing import unpack_cols, zeros_v2_to_v1
-from .quantizer import OPTQQuantizer, check_tensors
+from .storage import FAMILY, FORMAT_VERSION, check_tensors
 
 PACKED_KEYS = ("qweight", "qzeros", "scales", "g_idx")
 QUANTIZE_CONFIG = "quantize_config.json"
@@ -104,8 +104,7 @@ def packed_from_tensors(t: dict[str, torch.Tensor], cfg: OPTQConfig, zeros_forma
     if zeros_format == 2 and "qzeros" in t:  # a v2 file holds the zero points themselves
         t["qzeros"] = zeros_v2_to_v1(unpack_cols(t["qzeros"], cfg.bits, n), cfg.bits)
     check_tensors(t, cfg, shape, where)
-    return PackedWeight(OPTQQuantizer.name, cfg, shape, dtype, {k_: v.contiguous() for k_, v in t.items()},
-                        OPTQQuantizer.format_version)
+    return PackedWeight(FAMILY, cfg, shape, dtype, {k_: v.contiguous() for k_, v in t.items()}, FORMAT_VERSION)
 
 
 def load_gptq(path: str | os.PathLike, *, lora: Any = None, chunk_rows: int | None = None,
@@ -176,8 +175,8 @@ def save_gptq(model: nn.Module, directory: str | os.PathLike, *, tokenizer: Any 
     GPTQModel and vLLM load: ``config.json`` with ``quantization_config``, ``quantize_config.json`` and
     ``model.safetensors``. LoRA weights are not included (``modulora.save_adapter`` writes them)."""
     layers = {n: m for n, m in model.named_modules() if isinstance(m, ModuLoRALinear)}
-    other = sorted({m.quantizer.name for m in layers.values() if m.quantizer.name != OPTQQuantizer.name})
-    configs = {m.packed.config for m in layers.values() if m.quantizer.name == OPTQQuantizer.name}
+    other = sorted({m.quantizer.name for m in layers.values() if m.quantizer.name != FAMILY})
+    configs = {m.packed.config for m in layers.values() if m.quantizer.name == FAMILY}
     if not layers or other or len(configs) != 1:
         raise CheckpointError(
             "format='gptq' needs every quantized layer to be optq with one config (GPTQ checkpoints have one "

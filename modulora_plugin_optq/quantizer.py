@@ -21,6 +21,7 @@ from modulora_core import Capabilities, CheckpointError, InvalidWeightError, Pac
 from .config import OPTQConfig
 from .gptq import GPTQResult, gptq_quantize
 from .packing import pack_rows, packed_len, unpack_rows, zeros_v1_cols, zeros_v2_to_v1
+from .storage import FAMILY, FORMAT_VERSION, check_tensors
 
 # Measured ||W - Q(W)||_F / ||W||_F of GPTQ against the kit's synthetic Hessians (which weigh columns
 # unequally, so the plain weight error is above round-to-nearest's: GPTQ minimizes the output error), the
@@ -33,9 +34,9 @@ BOUND_MARGIN = 1.3
 class OPTQQuantizer(Quantizer):
     """OPTQ / GPTQ 2/3/4/8-bit with groups, act-order, static groups; GPTQ v1 storage."""
 
-    name = "optq"
+    name = FAMILY
     config_class = OPTQConfig
-    format_version = 1
+    format_version = FORMAT_VERSION
     export_formats = ("gptq",)  # save_quantized(..., format="gptq") writes a GPTQ v1 checkpoint
 
     def capabilities(self, config: OPTQConfig) -> Capabilities:
@@ -144,26 +145,3 @@ def _range(rows: slice | None, n: int) -> tuple[int, int]:
     if step != 1:
         raise InvalidWeightError(f"optq: row blocks must be contiguous (step 1), got step {step}")
     return start, max(start, stop)
-
-
-def check_tensors(tensors: dict[str, torch.Tensor], config: OPTQConfig, shape: tuple[int, int],
-                  where: str = "optq packed weight") -> None:
-    """Raise :class:`CheckpointError` unless ``tensors`` are the GPTQ v1 storage of an ``[N, K]`` weight."""
-    n, k = shape
-    gs = config.group_size if config.group_size > 0 else k
-    g = -(-k // gs)
-    want = {"qweight": ((packed_len(k, config.bits), n), (torch.int32,)),
-            "qzeros": ((g, packed_len(n, config.bits)), (torch.int32,)),
-            "scales": ((g, n), (torch.float16, torch.float32, torch.bfloat16)),  # .to(dtype) casts scales
-            "g_idx": ((k,), (torch.int32, torch.int64))}
-    if set(tensors) != set(want):
-        raise CheckpointError(f"{where} {shape} has tensors {sorted(tensors)}; expected {sorted(want)}")
-    for key, (shp, dtypes) in want.items():
-        t = tensors[key]
-        if tuple(t.shape) != shp or t.dtype not in dtypes:
-            raise CheckpointError(f"{where}: {key} is {t.dtype} {tuple(t.shape)}; expected {dtypes[0]} {shp} "
-                                  f"for a [{n}, {k}] weight with bits={config.bits}, group_size={config.group_size}")
-    gi = tensors["g_idx"]
-    if k and (int(gi.min()) < 0 or int(gi.max()) >= g):
-        raise CheckpointError(f"{where}: g_idx values span [{int(gi.min())}, {int(gi.max())}]; expected groups "
-                              f"0..{g - 1}")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from modulora_core.tiny import tiny_llama_dir
+from modulora.finetune.tiny import tiny_llama_dir
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "TRANSFORMERS_VERBOSITY": "error"}
 
@@ -118,7 +118,7 @@ def test_bad_input(kind, tiny, data, tmp_path):
     # in-process (the same command object the console script runs): these fail before any model loads
     from typer.testing import CliRunner
 
-    from modulora_core.cli import _register, app
+    from modulora.cli import _register, app
 
     _register()
     r = CliRunner().invoke(app, list(map(str, args)))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from modulora_core.tiny import tiny_llama_dir
+from modulora.finetune.tiny import tiny_llama_dir
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "TRANSFORMERS_VERBOSITY": "error"}
 

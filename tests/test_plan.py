@@ -1,4 +1,4 @@
-"""modulora_core.plan: exact packed sizes, model shapes, the activation model against counted tensors, the
+"""modulora.plan: exact packed sizes, model shapes, the activation model against counted tensors, the
 components and their total, bad input, and `modulora plan`."""
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
 import modulora
-from modulora_core.cli import plan as plan_cli
+from modulora.cli import plan as plan_cli
+from modulora.plan.memtrace import PeakTracker, peak_bytes
+from modulora.plan.planner import QLORA_RUNTIME_EXTRA, parse_size, plan
+from modulora.plan.shapes import BUILTIN_MODELS, model_config, model_shapes
 from modulora_core.errors import InvalidWeightError, ModuLoRAError, UnknownQuantizerError
-from modulora_core.memtrace import PeakTracker, peak_bytes
-from modulora_core.plan import QLORA_RUNTIME_EXTRA, parse_size, plan
-from modulora_core.plan_shapes import BUILTIN_MODELS, model_config, model_shapes
 from modulora_core.quantizer import Quantizer
 
 MiB = 1 << 20
@@ -96,7 +96,7 @@ def test_tied_embeddings_counted_once_and_shapes_from_a_config_dir(tmp_path) -> 
 
 
 def test_builtin_smollm2_matches_the_real_config() -> None:
-    from modulora_core.pretrained import cache_dir
+    from modulora.finetune.pretrained import cache_dir
 
     real = cache_dir() / "smollm2-135m-instruct"
     if not (real / "config.json").is_file():

@@ -1,4 +1,4 @@
-"""modulora_core.rouge, .tasks, .data (user data) and .encoding: the data side of finetuning."""
+"""modulora.finetune.rouge, .tasks, .data (user data) and .encoding: the data side of finetuning."""
 
 from __future__ import annotations
 
@@ -9,11 +9,10 @@ import sys
 
 import pytest
 
-from modulora_core.data import Example, docstring_splits, read_examples, split_examples
-from modulora_core.encoding import IGNORE_INDEX, encode_example, render_prompt
-from modulora_core.errors import DataError
-from modulora_core.rouge import corpus_rouge, lcs_length, rouge_scores
-from modulora_core.tasks import (
+from modulora.finetune.data import Example, docstring_splits, read_examples, split_examples
+from modulora.finetune.encoding import IGNORE_INDEX, encode_example, render_prompt
+from modulora.finetune.rouge import corpus_rouge, lcs_length, rouge_scores
+from modulora.finetune.tasks import (
     DOCMODULE_MODULES,
     accuracy,
     data_task,
@@ -22,6 +21,7 @@ from modulora_core.tasks import (
     get_task,
     normalize_label,
 )
+from modulora_core.errors import DataError
 
 
 # -- ROUGE ------------------------------------------------------------------------------------------------
@@ -122,7 +122,7 @@ def test_data_task_split_is_stable(tmp_path):
 def tok():
     from transformers import ByT5Tokenizer
 
-    from modulora_core.tiny import CHAT_TEMPLATE
+    from modulora.finetune.tiny import CHAT_TEMPLATE
 
     t = ByT5Tokenizer()
     t.chat_template = CHAT_TEMPLATE
@@ -154,7 +154,7 @@ def test_docstring_text_is_the_same_in_every_process():
     libraries patch into stdlib classes (transformers' logging.Logger.warning_once) would make the data, and
     so every benchmark's held-out text, differ from one process to the next."""
     code = ("import hashlib, logging, logging.handlers, transformers.utils.logging; "
-            "from modulora_core.data import docstring_splits; "
+            "from modulora.finetune.data import docstring_splits; "
             "d = docstring_splits(); logging.getLogger('x').addHandler(logging.StreamHandler()); "
             "print(hashlib.sha256(repr(sorted((k, [(x.qualname, x.signature, x.doc) for x in v]) "
             "for k, v in d.items())).encode()).hexdigest())")

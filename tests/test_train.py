@@ -1,4 +1,4 @@
-"""modulora_core.train: the stock HF Trainer on a ModuLoRA model — adapter-only atomic checkpoints, resume
+"""modulora.finetune.train: the stock HF Trainer on a ModuLoRA model — adapter-only atomic checkpoints, resume
 on the same loss curve, Ctrl-C -> checkpoint, gradient checkpointing, DDP exclusions."""
 
 from __future__ import annotations
@@ -15,11 +15,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 import modulora
-from modulora_core.data import Example
-from modulora_core.encoding import EncodedDataset, PadCollator
-from modulora_core.errors import CheckpointError
-from modulora_core.tiny import tiny_llama_dir
-from modulora_core.train import (
+from modulora.finetune.data import Example
+from modulora.finetune.encoding import EncodedDataset, PadCollator
+from modulora.finetune.tiny import tiny_llama_dir
+from modulora.finetune.train import (
     STAGING_DIR,
     GracefulStop,
     ModuLoRATrainer,
@@ -29,6 +28,7 @@ from modulora_core.train import (
     loss_history,
     training_arguments,
 )
+from modulora_core.errors import CheckpointError
 
 EXAMPLES = [Example(f"Repeat {w}", f"{w} {w}") for w in
             "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi".split()]

@@ -18,8 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 
-from .data import Docstring, Example, docstring_splits, read_examples, split_examples
 from modulora_core.errors import DataError
+
+from .data import Docstring, Example, docstring_splits, read_examples, split_examples
 from .rouge import corpus_rouge
 
 MAX_INPUT_CHARS = 360  # docstring text per prompt: keeps prompt + answer near 128 tokens for SmolLM2

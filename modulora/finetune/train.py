@@ -22,6 +22,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from modulora_core.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, save_adapter
 from modulora_core.errors import CheckpointError
+
 from .train_config import TrainConfig
 
 STAGING_DIR = ".checkpoint-staging"  # checkpoints are written here, then renamed into place

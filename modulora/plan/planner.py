@@ -21,12 +21,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from peft import LoraConfig
 
 from modulora_core.errors import ModuLoRAError
-from peft import LoraConfig
-from modulora_core.surgery import matches_target
 from modulora_core.quantizer import PackedWeight, QuantizerConfig, dtype_from_name, dtype_name
 from modulora_core.registry import BoundQuantizer, get_quantizer
+from modulora_core.surgery import matches_target
 
 from .activations import StepShape, activations
 from .memtrace import peak_bytes
