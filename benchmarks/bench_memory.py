@@ -5,7 +5,7 @@ and quantized one layer at a time, so the dense model never exists), one warm-up
 AdamW step: the optimizer states exist from then on), then one step measured. Measured: the process's peak
 RSS during that step (VmHWM, reset just before it through /proc/self/clear_refs), glibc told to return
 freed blocks at once (as in bench_layer). Also reported: the peak bytes of live tensors during a step
-(``modulora.plan.memtrace``), which leaves out the runtime and the allocator. Predicted:
+(``modulora.planning.memtrace``), which leaves out the runtime and the allocator. Predicted:
 ``modulora.plan(...)`` with the CPU runtime allowance.
 
     python -m benchmarks.bench_memory               # all configurations (2.5 hours on 2 busy cores)
@@ -63,7 +63,7 @@ def model_config(name: str) -> Any:
     """The config of a random model, or of a built-in / local model (``plan_shapes.model_config``)."""
     from transformers import LlamaConfig
 
-    from modulora.plan.shapes import model_config as mc
+    from modulora.planning.shapes import model_config as mc
 
     if name in RANDOM_MODELS:
         return LlamaConfig(**RANDOM_MODELS[name], tie_word_embeddings=False, architectures=["LlamaForCausalLM"])
@@ -198,7 +198,7 @@ def _status_bytes(field: str) -> int:
 
 def child(spec: dict[str, Any]) -> dict[str, Any]:
     """Run in the subprocess: build, warm up, count tensors in one step, measure RSS in another."""
-    from modulora.plan.memtrace import PeakTracker
+    from modulora.planning.memtrace import PeakTracker
 
     t0 = time.perf_counter()
     model = build(spec["model"], spec["quantizer"], spec["chunk_rows"], spec["r"])
@@ -260,7 +260,7 @@ def measure(spec: dict[str, Any], cache: str | None = None) -> dict[str, Any]:
 def predict(spec: dict[str, Any], runtime_bytes: int | None = None) -> Any:
     """The planner's prediction for one configuration (QLoRA: see :data:`QLORA`)."""
     import modulora
-    from modulora.plan.planner import plan
+    from modulora.planning.planner import plan
 
     quantizer = spec["quantizer"]
     if quantizer == QLORA:
@@ -334,7 +334,7 @@ def kind_of(quantizer: str) -> str:
 def paper_table() -> tuple[str, list[dict]]:
     """The planner's LLaMA rows at the paper's setting, next to the paper's figures; and the raw rows."""
     import modulora
-    from modulora.plan.planner import plan
+    from modulora.planning.planner import plan
 
     have = set(modulora.available_quantizers())
     cols = [(q, "float16") for q in ("quip#-2bit", "optq-2bit", "rtn-2bit") if q in have]
@@ -373,7 +373,7 @@ def main() -> None:
         cal = calibrate()
         print(f"CPU runtime allowance: modulora {cal['rtn-4bit'] / MiB:.0f} MiB, plain PEFT "
               f"{cal['dense'] / MiB:.0f} MiB, QLoRA {cal[QLORA] / MiB:.0f} MiB (RUNTIME_ALLOWANCE, "
-              f"DENSE_RUNTIME_EXTRA, QLORA_RUNTIME_EXTRA in modulora/plan/planner.py)")
+              f"DENSE_RUNTIME_EXTRA, QLORA_RUNTIME_EXTRA in modulora/planning/planner.py)")
         return
     from benchmarks.report import write_data, write_section
 
@@ -429,7 +429,7 @@ VALIDATION_INTRO = (
     "decoder linear, each configuration in its own process. Predicted: `modulora.plan(...)` with the CPU "
     "runtime allowance. Measured: the process's peak RSS during the step (VmHWM reset just before it; "
     "glibc returns freed blocks at once). Tensors: the same prediction without the runtime allowance, "
-    "against the peak bytes of live tensors in a step (`modulora.plan.memtrace`). SmolLM2-135M has its real "
+    "against the peak bytes of live tensors in a step (`modulora.planning.memtrace`). SmolLM2-135M has its real "
     "weights; llama-0.5b (hidden 1024, 32 layers, 16 heads) and llama-1.5b (hidden 2048, 30 layers, 16 "
     "heads, 4 KV heads) are random, built on meta and quantized one layer at a time. dense = PEFT LoRA on "
     "the dense float32 model. qlora-bnb-nf4 = PEFT LoRA on the model as stock transformers loads it with "

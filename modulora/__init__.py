@@ -35,7 +35,7 @@ from modulora_core.merge import dequantize, merge_requantized
 
 from .adapters import load_adapter, save_adapter
 from .api import default_lora, load, lora_parameters
-from .plan import MemoryPlan, plan
+from .planning import MemoryPlan, plan
 
 __version__ = "0.2.0"
 __all__ = [

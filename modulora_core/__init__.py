@@ -1,11 +1,12 @@
 """modulora_core: the engine of ModuLoRA. Plugins import only the names re-exported here.
 
 Importing it registers quantization method ``"modulora"`` with transformers (so ``from_pretrained`` reads
-ModuLoRA checkpoints) and, on the first QuantizedLinear, ModuLoRA's LoRA layer with PEFT.
+ModuLoRA checkpoints) and ModuLoRA's LoRA layer with PEFT (so ``get_peft_model`` wraps QuantizedLinear).
 """
 
 from __future__ import annotations
 
+from .checkpoint import PackedModule, build_quantized_model
 from .errors import (
     AdapterError,
     CalibrationError,
@@ -20,19 +21,19 @@ from .errors import (
 from .hf import ModuLoRAConfig, ModuLoRAHfQuantizer, mark_quantized
 from .hf import register as _register_with_transformers
 from .hookspecs import hookimpl
+from .peft_lora import QuantizedLoraLinear, register_with_peft
 from .qlinear import QuantizedLinear, iter_quantized_layers
 from .quantizer import Capabilities, PackedWeight, Quantizer, QuantizerConfig
 from .registry import BoundQuantizer, available_quantizers, get_quantizer, list_plugins
 from .surgery import (
-    PackedModule,
     QuantizeOptions,
-    build_quantized_model,
     matches_target,
     quantize_model,
     replace_linear,
 )
 
 _register_with_transformers()
+register_with_peft()
 
 __all__ = [
     "AdapterError", "BoundQuantizer", "CalibrationError", "Capabilities", "CheckpointError",
@@ -40,7 +41,7 @@ __all__ = [
     "QuantizerConfigError", "TargetModulesError", "UnknownQuantizerError", "available_quantizers",
     "get_quantizer", "hookimpl", "list_plugins",
     # the quantized base and transformers' side of it
-    "ModuLoRAConfig", "ModuLoRAHfQuantizer", "QuantizedLinear", "iter_quantized_layers", "mark_quantized",
+    "ModuLoRAConfig", "ModuLoRAHfQuantizer", "QuantizedLinear", "QuantizedLoraLinear", "iter_quantized_layers", "mark_quantized",
     # model surgery, for plugins that convert models quantized elsewhere
     "PackedModule", "QuantizeOptions", "build_quantized_model", "matches_target", "quantize_model",
     "replace_linear",

@@ -4,6 +4,8 @@ quantization_config) and, read-only, the layout of modulora 0.1 (``modulora_quan
 
 ``save_quantized`` writes the native format atomically (staged, then renamed), so a failed save leaves an
 earlier checkpoint in the directory intact; ``from_pretrained(dir)`` reloads it after ``import modulora``.
+``build_quantized_model`` is the one "packed tensors -> model" builder that every loader calls: the legacy
+layout here, GPTQ checkpoints in the OPTQ plugin.
 """
 
 from __future__ import annotations
@@ -11,20 +13,24 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from .errors import CheckpointError, ModuLoRAError, UnknownQuantizerError
 from .files import read_json, read_safetensors, staged_writes, tensors_digest
-from .hf import METHOD, ModuLoRAConfig, _check_versions
+from .hf import METHOD, ModuLoRAConfig, _check_versions, mark_quantized
 from .qlinear import PACKED_PREFIX, iter_quantized_layers
-from .registry import get_family, get_quantizer
-from .surgery import PackedModule, build_quantized_model
+from .quantizer import PackedWeight
+from .registry import BoundQuantizer, get_family, get_quantizer
+from .surgery import build_empty, check_no_meta, replace_linear, retie
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel
+    from transformers import PretrainedConfig, PreTrainedModel
 
 LEGACY_INDEX = "modulora_quant.json"
 LEGACY_WEIGHTS = "modulora_model.safetensors"
@@ -133,4 +139,43 @@ def load_legacy(directory: str | os.PathLike, *, chunk_rows: int | None = None, 
     warnings.warn(f"{d} is in the modulora 0.1 layout; it loaded, and save_quantized(model, dir) or "
                   f"model.save_pretrained(dir) writes it in the current format that from_pretrained reads",
                   stacklevel=2)
+    return model
+
+
+# -- the one builder ------------------------------------------------------------------------------------------
+@dataclass
+class PackedModule:
+    """One quantized module for :func:`build_quantized_model`: its packed weight, plugin and bias."""
+
+    packed: PackedWeight
+    quantizer: BoundQuantizer
+    bias: torch.Tensor | None = None
+
+
+def build_quantized_model(config: PretrainedConfig, modules: Mapping[str, PackedModule],
+                          tensors: dict[str, torch.Tensor], *, tied: Mapping[str, str] | None = None,
+                          chunk_rows: int | None = None, cls: type | None = None, where: str = "checkpoint",
+                          qconfig: ModuLoRAConfig | None = None) -> PreTrainedModel:
+    """A model of ``config`` whose ``modules`` are QuantizedLinear over the given packed weights and whose
+    other parameters come from ``tensors`` (assigned, not copied). Nothing is re-quantized. Returns the
+    model frozen, in eval mode, marked quantized (``model.config.quantization_config``)."""
+    model = build_empty(config, cls)
+    for name, pm in modules.items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"{where}: module {name} is not in the {type(model).__name__} built from its "
+                                  f"config") from None
+        if not isinstance(old, nn.Linear) or (old.out_features, old.in_features) != tuple(pm.packed.shape):
+            raise CheckpointError(f"{where}: module {name} is {old} in the model built from its config, not "
+                                  f"an nn.Linear of shape {list(pm.packed.shape)}")
+        replace_linear(model, name, pm.packed, pm.quantizer, bias=pm.bias, chunk_rows=chunk_rows)
+    result = model.load_state_dict(tensors, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise CheckpointError(f"{where} has tensors the model lacks: {result.unexpected_keys[:5]}")
+    retie(model, tied or {})
+    check_no_meta(model, where)
+    model.eval()  # as from_pretrained returns it
+    first = next(iter(modules.values())).quantizer
+    mark_quantized(model, qconfig or ModuLoRAConfig.from_preset(first, chunk_rows=chunk_rows))
     return model

@@ -55,9 +55,6 @@ class QuantizedLinear(nn.Linear):
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
         self.chunk_rows = check_chunk_rows(chunk_rows)
         self.use_fast_path = quantizer.capabilities(packed.config).fast_path
-        from .peft_lora import register_with_peft  # lazy: peft imports transformers
-
-        register_with_peft()
 
     # -- the packed weight ---------------------------------------------------------------------------
     @property

@@ -2,9 +2,8 @@
 
 ``quantize_model`` swaps every targeted ``nn.Linear`` for a :class:`QuantizedLinear`, one layer at a
 time (the dense weight is dropped as soon as its packed form exists), calibrating block by block where the
-quantizer needs it. ``build_quantized_model`` is the one "packed tensors -> model" builder that every
-loader calls: our own legacy layout, GPTQ checkpoints and bitsandbytes takeovers. transformers is imported
-lazily so ``import modulora_core`` stays light.
+quantizer needs it. The helpers here (targets, tied tensors, meta building, ``replace_linear``) are public
+for plugin loaders; the "packed tensors -> model" builder is :func:`modulora_core.checkpoint.build_quantized_model`.
 """
 
 from __future__ import annotations
@@ -26,8 +25,6 @@ from .registry import BoundQuantizer, get_quantizer
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
-
-    from .hf import ModuLoRAConfig
 
 Targets = list[str] | str | None  # PEFT semantics: suffixes, a regex, "all-linear", or None (decoder blocks)
 
@@ -192,44 +189,3 @@ def quantize_model(model: PreTrainedModel, preset: str | Any, opts: QuantizeOpti
         # a quantized lm_head no longer shares the embedding's storage: stop transformers retying them
         model.config.tie_word_embeddings = False
     return names
-
-
-# -- the one builder ------------------------------------------------------------------------------------------
-@dataclass
-class PackedModule:
-    """One quantized module for :func:`build_quantized_model`: its packed weight, plugin and bias."""
-
-    packed: PackedWeight
-    quantizer: BoundQuantizer
-    bias: torch.Tensor | None = None
-
-
-def build_quantized_model(config: PretrainedConfig, modules: Mapping[str, PackedModule],
-                          tensors: dict[str, torch.Tensor], *, tied: Mapping[str, str] | None = None,
-                          chunk_rows: int | None = None, cls: type | None = None, where: str = "checkpoint",
-                          qconfig: ModuLoRAConfig | None = None) -> PreTrainedModel:
-    """A model of ``config`` whose ``modules`` are QuantizedLinear over the given packed weights and whose
-    other parameters come from ``tensors`` (assigned, not copied). Nothing is re-quantized. Returns the
-    model frozen, in eval mode, marked quantized (``model.config.quantization_config``)."""
-    from .hf import ModuLoRAConfig, mark_quantized
-
-    model = build_empty(config, cls)
-    for name, pm in modules.items():
-        try:
-            old = model.get_submodule(name)
-        except AttributeError:
-            raise CheckpointError(f"{where}: module {name} is not in the {type(model).__name__} built from its "
-                                  f"config") from None
-        if not isinstance(old, nn.Linear) or (old.out_features, old.in_features) != tuple(pm.packed.shape):
-            raise CheckpointError(f"{where}: module {name} is {old} in the model built from its config, not "
-                                  f"an nn.Linear of shape {list(pm.packed.shape)}")
-        replace_linear(model, name, pm.packed, pm.quantizer, bias=pm.bias, chunk_rows=chunk_rows)
-    result = model.load_state_dict(tensors, strict=False, assign=True)
-    if result.unexpected_keys:
-        raise CheckpointError(f"{where} has tensors the model lacks: {result.unexpected_keys[:5]}")
-    retie(model, tied or {})
-    check_no_meta(model, where)
-    model.eval()  # as from_pretrained returns it
-    first = next(iter(modules.values())).quantizer
-    mark_quantized(model, qconfig or ModuLoRAConfig.from_preset(first, chunk_rows=chunk_rows))
-    return model

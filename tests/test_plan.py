@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 
 import modulora
 from modulora.cli import plan as plan_cli
-from modulora.plan.memtrace import PeakTracker, peak_bytes
-from modulora.plan.planner import QLORA_RUNTIME_EXTRA, parse_size, plan
-from modulora.plan.shapes import BUILTIN_MODELS, model_config, model_shapes
+from modulora.planning.memtrace import PeakTracker, peak_bytes
+from modulora.planning.planner import QLORA_RUNTIME_EXTRA, parse_size, plan
+from modulora.planning.shapes import BUILTIN_MODELS, model_config, model_shapes
 from modulora_core.errors import InvalidWeightError, ModuLoRAError, UnknownQuantizerError
 from modulora_core.quantizer import Quantizer
 

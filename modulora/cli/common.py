@@ -168,8 +168,9 @@ def load_for_inference(model: str, adapter: str | None, quantizer: str | None = 
 
 def _adapter_lora(adapter: str | None) -> Any:
     """The LoraConfig an adapter needs (its rank), so the layers are built to fit it."""
-    import modulora
     from modulora_core.adapters import ADAPTER_CONFIG
+
+    import modulora
     from modulora_core.errors import AdapterError
     from modulora_core.files import read_json
 

@@ -74,8 +74,8 @@ def register(app: typer.Typer) -> None:
         from pydantic import ValidationError
 
         import modulora
-        from modulora.plan import parse_size
-        from modulora.plan import plan as make_plan
+        from modulora.planning import parse_size
+        from modulora.planning import plan as make_plan
 
         try:
             if dtype not in _DTYPES or (weight_dtype is not None and weight_dtype not in _DTYPES + ["float64"]):

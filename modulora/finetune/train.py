@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from modulora_core.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, save_adapter
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
-from modulora_core.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, save_adapter
 from modulora_core.errors import CheckpointError
 
 from .train_config import TrainConfig

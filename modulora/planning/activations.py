@@ -1,6 +1,6 @@
 """What one training step of a Llama-style decoder keeps for backward, and its transient peaks.
 
-A model of the tensors autograd saves (found with :class:`modulora.plan.memtrace.PeakTracker` on real
+A model of the tensors autograd saves (found with :class:`modulora.planning.memtrace.PeakTracker` on real
 steps, and checked against them in tests). T = batch x sequence tokens, c = compute dtype bytes, l = LoRA
 dtype bytes (float32). An op saves tensors only if one of its inputs requires grad, so where the gradient
 starts to flow matters: the embeddings are frozen, so the first layer's first norm saves nothing.

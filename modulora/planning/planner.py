@@ -3,8 +3,8 @@
 ``plan("llama-65b", "rtn-2bit", batch_size=1, seq_len=128, dtype="float16", device="cuda")`` returns a
 :class:`MemoryPlan`: a table of components and their total, and whether it fits a budget. Packed sizes are
 exact (each plugin's ``packed_nbytes``); the model's linears come from building it on the meta device; the
-activations follow :mod:`modulora.plan.activations`; what a plugin's materialize allocates is measured
-on a small real weight with :class:`~modulora.plan.memtrace.PeakTracker`.
+activations follow :mod:`modulora.planning.activations`; what a plugin's materialize allocates is measured
+on a small real weight with :class:`~modulora.planning.memtrace.PeakTracker`.
 
 The step's peak is ``base weights + unquantized parts + LoRA state + saved activations + max(loss
 gradients at the start of backward, one layer's backward) + runtime allowance``; only the larger of the
