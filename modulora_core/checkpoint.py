@@ -56,23 +56,23 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, *, tokenizer:
                    format: str = "modulora") -> Path:
     """Write the quantized base (no adapters) so ``from_pretrained(directory)`` reloads it packed.
 
-    ``model``: a quantized model or a PeftModel over one (its adapters are left out: save them with
-    ``save_pretrained`` on the PeftModel). ``format="gptq"`` (or any format the layers' plugin offers) writes
+    ``model``: a quantized model or a PeftModel over one (its adapters and merged state are left out: save
+    adapters with ``save_pretrained`` on the PeftModel; merge first with ``merge_requantized`` to keep them). ``format="gptq"`` (or any format the layers' plugin offers) writes
     that tool's checkpoint instead.
     """
     from .export import export_checkpoint
 
     base = unwrap_peft(model)
-    layers = dict(iter_quantized_layers(base))
+    layers = {n.removesuffix(".base_layer"): m for n, m in iter_quantized_layers(base)}
     if not layers:
         raise CheckpointError("model has no quantized layers; quantize it first (modulora.load(model, preset))")
-    if any(".base_layer" in n for n in layers) or any("lora_" in k for k in base.state_dict()):
-        raise CheckpointError("model still carries LoRA layers; save the adapter with peft's save_pretrained "
-                              "and the base with save_quantized(peft_model.unload()) or before get_peft_model")
     if format != "modulora":
         return export_checkpoint(base, layers, directory, format, tokenizer=tokenizer)
+    if (merged := [n for n, m in base.named_modules() if getattr(m, "merged_adapters", None)]):
+        raise CheckpointError(f"{len(merged)} layers have merged adapters (e.g. {merged[0]}), so their base is "
+                              f"dense now; unmerge_adapter() first, or merge_requantized(model) to save it merged")
     with staged_writes(directory, last=(CONFIG_FILE,)) as stage:
-        base.save_pretrained(stage)
+        base.save_pretrained(stage)  # ModuLoRAHfQuantizer.get_state_dict_and_metadata drops the adapters
         if tokenizer is not None:
             tokenizer.save_pretrained(stage)
     return Path(directory)

@@ -221,6 +221,16 @@ class ModuLoRAHfQuantizer(HfQuantizer):
         mark_quantized(model, qc)
         return model
 
+    def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[dict[str, torch.Tensor] | None, dict]:
+        """The base's own state dict. Under PEFT layers (``get_peft_model`` wraps modules in place) the
+        adapters are left out and ``<module>.base_layer.<x>`` is saved as ``<module>.<x>``, so saving the
+        model inside a PeftModel writes the quantized base that ``from_pretrained`` expects."""
+        state = model.state_dict()
+        if not any(".base_layer." in k for k in state):
+            return None, {}
+        adapter = re.compile(r"\.(lora_[A-Za-z_]+|lora_magnitude_vector)\.")
+        return {k.replace(".base_layer.", "."): v for k, v in state.items() if not adapter.search(k)}, {}
+
     @property
     def is_trainable(self) -> bool:
         return True

@@ -177,6 +177,10 @@ def test_save_pretrained_round_trip_in_fresh_process(tiny, tokens, tmp_path):
     assert config["quantization_config"]["preset"] == "quip#-2bit"
     pm = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     pm.save_pretrained(tmp_path / "adapter")
+    modulora.save_quantized(pm, tmp_path / "base-from-peft")  # the base under the adapters, same files
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "base-from-peft")
+    with torch.no_grad(), pm.disable_adapter():
+        assert torch.equal(again(ids).logits, pm(ids).logits)
     with torch.no_grad():
         torch.save({"ids": ids, "base": pm.unload()(ids).logits}, tmp_path / "expected.pt")
     pm = PeftModel.from_pretrained(quantized(tiny, "rtn-4bit", tokens), tmp_path / "adapter")  # any base
@@ -233,3 +237,23 @@ def test_bad_inputs(tiny, tokens, tmp_path):
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(modulora.CheckpointError, match="another major version"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+
+
+def test_trl_sft_trainer_with_peft_config(tiny, tmp_path):
+    trl = pytest.importorskip("trl", reason="TRL is not installed (it comes with the 'dev' extra)")
+    from datasets import Dataset
+
+    model = AutoModelForCausalLM.from_pretrained(tiny, quantization_config=ModuLoRAConfig("nf4"))
+    texts = [d.doc for d in stdlib_docstrings()[:64]]
+    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=4, logging_steps=1,
+                         report_to=[], use_cpu=True, save_strategy="no", max_length=64, learning_rate=5e-3,
+                         disable_tqdm=True, seed=0)
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list([{"text": t} for t in texts]),
+                             processing_class=AutoTokenizer.from_pretrained(tiny),
+                             peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True,
+                                                    task_type="CAUSAL_LM"))
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert sum(losses[-3:]) < sum(losses[:3]), losses
+    wrapped = [m for m in trainer.model.modules() if isinstance(m, QuantizedLoraLinear)]
+    assert len(wrapped) == 4 and all(isinstance(m.get_base_layer(), QuantizedLinear) for m in wrapped)
