@@ -65,8 +65,10 @@ class ModuLoRAConfig(QuantizationConfigMixin):
         if preset is None and quantizer_config is None:
             raise UnknownQuantizerError("ModuLoRAConfig needs a preset, e.g. ModuLoRAConfig('rtn-4bit'); "
                                         "modulora.available_quantizers() lists the installed ones")
-        bq = None if preset is None and quantizer_config else _bind(preset, quantizer_config)
-        self.preset = bq.name if bq else kwargs.pop("preset_name", None)
+        # a user's preset is checked at once (did-you-mean); a saved config is bound when a model loads,
+        # where a missing plugin is reported with the checkpoint's own record of it
+        bq = _bind(preset, quantizer_config) if quantizer_config is None or not isinstance(preset, str) else None
+        self.preset = bq.name if bq else preset
         self.quantizer_config = json.loads(bq.config.to_json()) if bq else dict(quantizer_config or {})
         self.targets = list(targets) if isinstance(targets, tuple) else targets
         self.modules_to_not_convert = list(modules_to_not_convert or [])
@@ -106,16 +108,20 @@ def _bind(preset: Any, quantizer_config: dict[str, Any] | None, checkpoint: Modu
           ) -> BoundQuantizer:
     if isinstance(preset, BoundQuantizer):
         return preset
-    if preset is not None and not (checkpoint and quantizer_config):
-        return get_quantizer(preset)  # did-you-mean error for an unknown name
+    if preset is not None and not (checkpoint is not None and quantizer_config):
+        bq = get_quantizer(preset)  # did-you-mean error for an unknown name
+        if not quantizer_config or json.loads(bq.config.to_json()) == quantizer_config:
+            return bq
+        # else a config object was given (preset is then its family's name): its settings win below
     family = (quantizer_config or {}).get("family")
     try:
         fam = get_family(family)
     except UnknownQuantizerError as err:
-        who = f"{checkpoint.plugin} {checkpoint.plugin_version}" if checkpoint else "a plugin"
+        dist = checkpoint.plugin if checkpoint is not None and checkpoint.plugin else None
+        who = f"{dist} {checkpoint.plugin_version}" if dist else "a plugin"
+        fix = f"pip install {dist}" if dist else "install the plugin that provides it"
         raise CheckpointError(f"this checkpoint was quantized with family {family!r} (preset {preset!r}) by "
-                              f"{who}, which is not installed: pip install {checkpoint.plugin if checkpoint else '...'}"
-                              f" ({err})") from None
+                              f"{who}, which is not installed: {fix} ({err})") from None
     if checkpoint is not None:
         _check_versions(fam, checkpoint)
     cfg = fam.quantizer.config_class.from_json(quantizer_config)

@@ -53,6 +53,11 @@ class QuantizedDoraVariant(DoraLinearVariant):
 class QuantizedLoraLinear(PeftLoraLinear):
     """PEFT's ``lora.Linear`` over a :class:`QuantizedLinear` base."""
 
+    def _get_in_out_features(self, module: nn.Module) -> tuple[Any, Any]:
+        if isinstance(module, QuantizedLinear):  # PEFT's own reads module.weight (a materialization)
+            return module.in_features, module.out_features
+        return super()._get_in_out_features(module)
+
     def _get_base_layer_device_and_dtype(self, base_layer: nn.Module) -> tuple[Any, Any]:
         if isinstance(base_layer, QuantizedLinear):  # without materializing the weight
             return base_layer.device, base_layer.dtype

@@ -80,6 +80,13 @@ class QuantizedLinear(nn.Linear):
         return next(iter(self.buffers())).device
 
     @property
+    def W_q(self) -> torch.Tensor:  # noqa: N802 - the name is PEFT's
+        """The first packed buffer. PEFT recognizes a quantized base by ``W_q`` + ``dequantize()`` (HQQ's
+        names): it then reads the device off ``W_q`` and gets DoRA's dense weight from ``dequantize()``,
+        instead of materializing ``weight`` for every attribute lookup."""
+        return getattr(self, PACKED_PREFIX + self._packed_keys[0])
+
+    @property
     def weight(self) -> torch.Tensor:  # type: ignore[override]
         """The dense ``[out, in]`` weight, materialized anew on each read (a no-grad tensor)."""
         return self.dequantize()
