@@ -257,3 +257,16 @@ def test_trl_sft_trainer_with_peft_config(tiny, tmp_path):
     assert sum(losses[-3:]) < sum(losses[:3]), losses
     wrapped = [m for m in trainer.model.modules() if isinstance(m, QuantizedLoraLinear)]
     assert len(wrapped) == 4 and all(isinstance(m.get_base_layer(), QuantizedLinear) for m in wrapped)
+
+
+def test_peft_and_training_never_read_the_dense_weight(tiny, tokens, monkeypatch):
+    """PEFT looks up devices and shapes on the base layer: that must not materialize the weight (on a big
+    model each read costs a layer's worth of work), and a LoRA step multiplies only through the autograd."""
+    reads = []
+    original = QuantizedLinear.dequantize
+    monkeypatch.setattr(QuantizedLinear, "dequantize", lambda self, dtype=None: reads.append(1) or original(self, dtype))
+    model = quantized(tiny, "rtn-4bit", tokens)
+    pm = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+    loss = pm(tokens[:2, :32], labels=tokens[:2, :32]).loss
+    loss.backward()
+    assert reads == []
