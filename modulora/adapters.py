@@ -96,9 +96,15 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, adapter_name
     Returns the PeftModel (``PeftModel.from_pretrained``, or the same PeftModel with one more adapter).
     """
     from peft import PeftModel
+    from safetensors import SafetensorError
 
     check_adapter(model, directory, allow_other_quantizer=allow_other_quantizer)
-    if hasattr(model, "peft_config"):
-        model.load_adapter(str(directory), adapter_name=adapter_name, is_trainable=is_trainable)
-        return model
-    return PeftModel.from_pretrained(model, str(directory), adapter_name=adapter_name, is_trainable=is_trainable)
+    try:
+        if hasattr(model, "peft_config"):
+            model.load_adapter(str(directory), adapter_name=adapter_name, is_trainable=is_trainable)
+            return model
+        return PeftModel.from_pretrained(model, str(directory), adapter_name=adapter_name,
+                                         is_trainable=is_trainable)
+    except SafetensorError as e:  # its message names neither the file nor the fix
+        raise AdapterError(f"cannot read {Path(directory) / ADAPTER_WEIGHTS} ({e}): the file is truncated or "
+                           f"corrupted; save the adapter again") from e

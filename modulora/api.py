@@ -85,9 +85,14 @@ def _quantized_base(model: Any, quantizer: QuantizerLike | None, *, targets: Any
         if kind == "legacy":
             base = load_legacy(model, chunk_rows=chunk_rows)
         else:
+            from safetensors import SafetensorError
             from transformers import AutoModelForCausalLM
 
-            base = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch_dtype)
+            try:
+                base = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch_dtype)
+            except SafetensorError as e:  # its message names neither the file nor the fix
+                raise CheckpointError(f"cannot read the weights in {str(model)!r} ({e}): a *.safetensors file "
+                                      f"there is truncated or corrupted; save the model again") from e
             if chunk_rows is not None:
                 for _, layer in iter_quantized_layers(base):
                     layer.chunk_rows = chunk_rows

@@ -9,6 +9,7 @@ can only contain its modules if the caller imported it already.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -178,8 +179,9 @@ def take_over(model_or_path: Any, *, chunk_rows: int | None = None) -> nn.Module
     for name in names:
         old = model.get_submodule(name)
         packed = packed_from_linear4bit(old, where=name)
-        bound = get_quantizer(packed.config)  # the installed plugin's name and version, for checkpoints
-        replace_linear(model, name, packed, bound, chunk_rows=chunk_rows, preset=preset_name(packed.config),
+        # the installed plugin's version, and the preset's name ("fp4-nodq"), for checkpoints
+        bound = dataclasses.replace(get_quantizer(packed.config), name=preset_name(packed.config))
+        replace_linear(model, name, packed, bound, chunk_rows=chunk_rows,
                        bias=None if old.bias is None else old.bias.detach())
         del old
     _forget_bnb(model)

@@ -1,18 +1,24 @@
-"""GPTQ checkpoint directories, both ways: take one over with LoRA (no re-quantization), or write one.
+"""GPTQ checkpoint directories, both ways: read one as a quantized model (no re-quantization), or write one.
 
 A GPTQ checkpoint (GPTQModel, AutoGPTQ, transformers) is a Hugging Face model directory whose
 ``config.json`` has ``quantization_config`` with ``quant_method: "gptq"`` (or a ``quantize_config.json``
 beside it) and whose safetensors hold, per quantized Linear, ``qweight``, ``qzeros``, ``scales``, ``g_idx``
-(and ``bias``). Those tensors are our storage as they are, so loading copies no bit and changes none.
+(and ``bias``). Those tensors are our storage as they are, so loading copies no bit and changes none; the
+model itself comes from the core's one builder, ``modulora_core.build_quantized_model``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
-import warnings
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import safetensors.torch as st
 import torch
@@ -20,22 +26,23 @@ from torch import nn
 
 from modulora_core import (
     CheckpointError,
-    LoraConfig,
-    ModuLoRAInfo,
-    ModuLoRALinear,
+    PackedModule,
     PackedWeight,
-    finalize_model,
+    build_quantized_model,
     get_quantizer,
-    matches_target,
-    replace_linear,
+    iter_quantized_layers,
 )
 
 from .config import OPTQConfig, from_gptq_config, preset_name, to_gptq_config
 from .packing import unpack_cols, zeros_v2_to_v1
 from .storage import FAMILY, FORMAT_VERSION, check_tensors
 
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
+
 PACKED_KEYS = ("qweight", "qzeros", "scales", "g_idx")
 QUANTIZE_CONFIG = "quantize_config.json"
+CONFIG = "config.json"
 
 
 def gptq_quant_config(path: Any) -> dict[str, Any] | None:
@@ -43,7 +50,7 @@ def gptq_quant_config(path: Any) -> dict[str, Any] | None:
     if not isinstance(path, (str, os.PathLike)) or not Path(path).is_dir():
         return None
     d = Path(path)
-    for name, key in (("config.json", "quantization_config"), (QUANTIZE_CONFIG, None)):
+    for name, key in ((CONFIG, "quantization_config"), (QUANTIZE_CONFIG, None)):
         try:
             data = json.loads((d / name).read_text())
         except (OSError, ValueError):
@@ -78,19 +85,28 @@ def _read_tensors(d: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _build_empty(d: Path) -> nn.Module:
-    """The model of ``d``'s config, without its quantization_config, with parameters on the meta device."""
+def _skeleton(config: PretrainedConfig) -> nn.Module:
+    """The model of ``config`` on the meta device. It only answers what the files do not record: each
+    quantized module's ``[out, in]`` (a file may lack ``g_idx``, and packed lengths round up) and which
+    tensors the model ties (a tied ``lm_head.weight`` is saved once, as the input embedding)."""
     import transformers
     from accelerate import init_empty_weights
 
-    config = transformers.AutoConfig.from_pretrained(d)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # we convert the layers ourselves; transformers must not
     cls = next((getattr(transformers, a) for a in (config.architectures or []) if hasattr(transformers, a)), None)
-    with init_empty_weights():  # parameters only: buffers computed in __init__ (RoPE) stay real
-        if cls is None:
-            return transformers.AutoModelForCausalLM.from_config(config)
-        return cls._from_config(config)
+    with init_empty_weights():
+        return transformers.AutoModelForCausalLM.from_config(config) if cls is None else cls._from_config(config)
+
+
+def _tied_keys(skeleton: nn.Module) -> dict[str, str]:
+    """``{alias: source}`` state-dict keys the model ties (per its config)."""
+    if hasattr(skeleton, "get_expanded_tied_weights_keys"):  # transformers 5
+        return dict(skeleton.get_expanded_tied_weights_keys(all_submodels=True))
+    out = skeleton.get_output_embeddings() if hasattr(skeleton, "get_output_embeddings") else None
+    inp = skeleton.get_input_embeddings() if hasattr(skeleton, "get_input_embeddings") else None
+    if out is None or inp is None or not getattr(skeleton.config, "tie_word_embeddings", False):
+        return {}
+    names = {id(m): n for n, m in skeleton.named_modules()}
+    return {f"{names[id(out)]}.weight": f"{names[id(inp)]}.weight"}
 
 
 def packed_from_tensors(t: dict[str, torch.Tensor], cfg: OPTQConfig, zeros_format: int, shape: tuple[int, int],
@@ -107,87 +123,113 @@ def packed_from_tensors(t: dict[str, torch.Tensor], cfg: OPTQConfig, zeros_forma
     return PackedWeight(FAMILY, cfg, shape, dtype, {k_: v.contiguous() for k_, v in t.items()}, FORMAT_VERSION)
 
 
-def load_gptq(path: str | os.PathLike, *, lora: Any = None, chunk_rows: int | None = None,
-              dtype: torch.dtype | None = None) -> nn.Module:
-    """A GPTQ checkpoint directory as a model with ModuLoRA layers over its packed tensors, bit for bit.
+def load_gptq(path: str | os.PathLike, *, chunk_rows: int | None = None,
+              dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """A GPTQ checkpoint directory as a quantized transformers model over its packed tensors, bit for bit.
 
-    ``lora`` (default ``LoraConfig()``) attaches to every quantized module; ``chunk_rows`` as in
-    ``modulora.load``; ``dtype`` casts the unquantized tensors (default: as stored).
+    No adapters: ``modulora.load(path)`` or ``peft.get_peft_model`` add them. ``chunk_rows`` as in
+    ``modulora.load``; ``dtype`` casts the unquantized tensors and is what the layers dequantize to
+    (default: the config's dtype, else that of the unquantized tensors as stored). The model's ``config.quantization_config`` is then ModuLoRA's,
+    so ``save_pretrained`` writes our format; ``modulora.save_quantized(model, d, format="gptq")`` GPTQ again.
     """
-    from transformers import GenerationConfig
+    from transformers import AutoConfig, GenerationConfig
 
     d = Path(path)
     qc = gptq_quant_config(d)
     if qc is None:
         raise CheckpointError(f"{d} is not a GPTQ checkpoint (no quantization_config with quant_method 'gptq')")
     cfg, zeros_format = from_gptq_config(qc, str(d))
-    model = _build_empty(d)
+    config = AutoConfig.from_pretrained(d)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the builder converts the layers; transformers must not
     tensors = _read_tensors(d)
     names = sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
     if not names:
         raise CheckpointError(f"{d} says it is GPTQ-quantized but its weights have no '*.qweight' tensors")
-    lcfg = lora or LoraConfig()
-    if lcfg.target_modules not in (None, "all-linear") and not all(matches_target(n, lcfg.target_modules)
-                                                                   for n in names):
-        warnings.warn(f"LoRA attaches to every GPTQ-quantized module ({len(names)}); target_modules="
-                      f"{lcfg.target_modules!r} does not change which", stacklevel=2)
-    bound = get_quantizer(cfg)  # the installed plugin's version, for checkpoints we write later
-    quantizer = bound.quantizer
-    base_dtype = dtype or getattr(model.config, "dtype", None) or torch.float16
+    skeleton = _skeleton(config)
+    bound = dataclasses.replace(get_quantizer(cfg), name=preset_name(cfg))  # the installed plugin's version
+    stored = next((t.dtype for k, t in tensors.items() if t.is_floating_point() and not k.endswith(".scales")), None)
+    base_dtype = dtype or getattr(config, "dtype", None) or stored or torch.float16
     if isinstance(base_dtype, str):
         base_dtype = getattr(torch, base_dtype)
+    modules: dict[str, PackedModule] = {}
     for name in names:
         try:
-            old = model.get_submodule(name)
+            old = skeleton.get_submodule(name)
         except AttributeError:
             raise CheckpointError(f"{d}: quantized module {name} is not in the model built from config.json") from None
         if not isinstance(old, nn.Linear):
             raise CheckpointError(f"{d}: quantized module {name} is a {type(old).__name__} in the model, not an "
                                   "nn.Linear")
-        shape = (old.out_features, old.in_features)
         packed_t = {k: tensors.pop(f"{name}.{k}") for k in PACKED_KEYS if f"{name}.{k}" in tensors}
-        packed = packed_from_tensors(packed_t, cfg, zeros_format, shape, base_dtype, f"{d}: {name}")
+        packed = packed_from_tensors(packed_t, cfg, zeros_format, (old.out_features, old.in_features), base_dtype,
+                                     f"{d}: {name}")
         bias = tensors.pop(f"{name}.bias", None)
-        replace_linear(model, name, packed, quantizer, lora=lcfg, chunk_rows=chunk_rows,
-                       bias=None if bias is None else bias.to(base_dtype), quantizer_name=preset_name(cfg),
-                       plugin_version=bound.version)
+        modules[name] = PackedModule(packed, bound, None if bias is None else bias.to(base_dtype))
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-    result = model.load_state_dict(tensors, strict=False, assign=True)
-    if result.unexpected_keys:
-        raise CheckpointError(f"{d} has tensors the model lacks: {result.unexpected_keys[:5]}")
-    if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
-        model.tie_weights()  # the output embedding is saved once, as the input embedding
-    left = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta]
-    if left:
-        raise CheckpointError(f"{d} has no values for {len(left)} tensors, e.g. {left[:5]}; it is incomplete")
+    # tied as transformers ties them: one tensor, saved once (a copy saved anyway is dropped)
+    tied = {alias: src for alias, src in _tied_keys(skeleton).items() if alias.rpartition(".")[0] not in modules}
+    for alias in tied:
+        tensors.pop(alias, None)
+    del skeleton
+    model = build_quantized_model(config, modules, tensors, tied=tied, chunk_rows=chunk_rows, where=str(d))
     if (d / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(d)
-    model.eval()
-    info = ModuLoRAInfo.from_bound(bound, lora=lcfg, chunk_rows=chunk_rows, modules=names,
-                                   base_model_name_or_path=getattr(model.config, "_name_or_path", None) or str(d))
-    info.quantizer = preset_name(cfg)
-    return finalize_model(model, info)
+    return model
+
+
+@contextlib.contextmanager
+def _staged(d: Path) -> Iterator[Path]:
+    """A folder inside ``d`` whose files replace ``d``'s once the block succeeds (``config.json`` last);
+    on an error nothing is moved, so an earlier checkpoint in ``d`` stays whole."""
+    d.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".gptq-tmp-", dir=d))
+    try:
+        yield stage
+        for name in sorted(os.listdir(stage), key=lambda n: n == CONFIG):
+            os.replace(stage / name, d / name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+_ADAPTER_KEY = re.compile(r"\.(lora_[A-Za-z_]+|lora_magnitude_vector)\.")  # PEFT's tensors in a state dict
+
+
+def _base_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s own state dict: PEFT's adapter tensors left out, ``<m>.base_layer.<x>`` saved as ``<m>.<x>``
+    (``get_peft_model`` wraps modules in place, so the model inside a PeftModel carries them)."""
+    return {k.replace(".base_layer.", "."): t for k, t in model.state_dict().items() if not _ADAPTER_KEY.search(k)}
 
 
 def save_gptq(model: nn.Module, directory: str | os.PathLike, *, tokenizer: Any = None) -> Path:
-    """Write ``model`` (every ModuLoRA layer optq, one config) as a GPTQ v1 checkpoint that transformers,
+    """Write ``model`` (every QuantizedLinear optq, one config) as a GPTQ v1 checkpoint that transformers,
     GPTQModel and vLLM load: ``config.json`` with ``quantization_config``, ``quantize_config.json`` and
-    ``model.safetensors``. LoRA weights are not included (``modulora.save_adapter`` writes them)."""
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, ModuLoRALinear)}
-    other = sorted({m.quantizer.name for m in layers.values() if m.quantizer.name != FAMILY})
-    configs = {m.packed.config for m in layers.values() if m.quantizer.name == FAMILY}
+    ``model.safetensors``. ``model`` is the quantized transformers model, or a PeftModel over it: adapters
+    are left out (PEFT's ``save_pretrained`` writes them). ``modulora.save_quantized(m, d, format="gptq")``
+    calls this. All files are staged and moved into place at the end, so a failed save keeps an earlier one."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        model = model.get_base_model()
+    merged = [n for n, m in model.named_modules() if getattr(m, "merged_adapters", None)]
+    if merged:
+        raise CheckpointError(f"{len(merged)} layers have merged adapters (e.g. {merged[0]}), so their base is "
+                              "dense now; unmerge_adapter() first, or modulora.merge_requantized(model) to save "
+                              "it merged")
+    layers = {n.removesuffix(".base_layer"): m for n, m in iter_quantized_layers(model)}
+    other = sorted({m.family for m in layers.values() if m.family != FAMILY})
+    configs = {m.packed.config for m in layers.values() if m.family == FAMILY}
     if not layers or other or len(configs) != 1:
         raise CheckpointError(
             "format='gptq' needs every quantized layer to be optq with one config (GPTQ checkpoints have one "
             f"global quantize_config); this model has families {other or ['optq']} and {len(configs)} optq "
             "configs; save it with format='modulora' instead")
     cfg: OPTQConfig = next(iter(configs))
-    skip = {f"{n}.{p}" for n in layers for p in ("lora_A.weight", "lora_B.weight")}
-    skip |= {f"{n}.packed_{k}" for n, m in layers.items() for k in m.packed.tensors}
+    skip = {f"{n}.{k}" for n, m in layers.items() for k, _ in m.named_buffers(recurse=False)}
     tensors: dict[str, torch.Tensor] = {}
     storages: set[Any] = set()
-    for key, t in model.state_dict().items():
+    for key, t in _base_state(model).items():
         if key in skip:
             continue
         ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
@@ -202,21 +244,18 @@ def save_gptq(model: nn.Module, directory: str | os.PathLike, *, tokenizer: Any 
         tensors[f"{name}.scales"] = p.tensors["scales"].to(torch.float16).contiguous().cpu()
         tensors[f"{name}.g_idx"] = p.tensors["g_idx"].to(torch.int32).contiguous().cpu()
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    version = getattr(next(iter(layers.values())), "plugin_version", None) or "unknown"
+    out_emb = out_emb.get_base_layer() if hasattr(out_emb, "get_base_layer") else out_emb
+    version = next(iter(layers.values())).plugin_version or "unknown"
     qc = to_gptq_config(cfg, lm_head=any(m is out_emb for m in layers.values()), version=version)
     conf = json.loads(model.config.to_json_string(use_diff=False))
-    conf["quantization_config"] = qc
+    conf["quantization_config"] = qc  # GPTQ's, in place of ModuLoRA's
     conf["architectures"] = conf.get("architectures") or [type(model).__name__]
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    tmp = d / ".model.safetensors.tmp"
-    st.save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, d / "model.safetensors")  # whole or not at all
-    (d / "config.json").write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
-    (d / QUANTIZE_CONFIG).write_text(json.dumps(qc, indent=2, sort_keys=True) + "\n")
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(d)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(d)
-    return d
-
+    with _staged(Path(directory)) as stage:
+        st.save_file(tensors, str(stage / "model.safetensors"), metadata={"format": "pt"})
+        (stage / CONFIG).write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
+        (stage / QUANTIZE_CONFIG).write_text(json.dumps(qc, indent=2, sort_keys=True) + "\n")
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(stage)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(stage)
+    return Path(directory)

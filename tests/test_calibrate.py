@@ -160,8 +160,8 @@ def test_training_mode_is_restored():
 def test_load_with_token_calibration_quantizes_every_block_linear(tmp_path):
     model, ids = tiny(), tokens(n=8, t=16)
     ref = copy.deepcopy(model)
-    q = modulora.load(model, "optq-4bit", calibration=ids, n_samples=4, seq_len=8)
-    layers = dict(modulora.iter_modulora_layers(q))
+    q = modulora.load(model, "optq-4bit", calibration=ids, n_samples=4, seq_len=8, lora=None)
+    layers = dict(modulora.iter_quantized_layers(q))
     assert sorted(layers) == sorted(block_linears(ref))
     assert all(m.quantizer.name == "optq" for m in layers.values())
     with torch.no_grad():
@@ -173,22 +173,21 @@ def test_load_keeps_the_hessian_dict_form():
     model = tiny()
     names = block_linears(model)
     hess = {n: torch.eye(model.get_submodule(n).in_features) for n in names}
-    q = modulora.load(model, "optq-8bit", calibration=hess)
-    assert len(dict(modulora.iter_modulora_layers(q))) == len(names)
+    q = modulora.load(model, "optq-8bit", calibration=hess, lora=None)
+    assert len(dict(modulora.iter_quantized_layers(q))) == len(names)
 
 
 def test_quantizer_without_calibration_skips_it():
     model, ids = tiny(), tokens()
     with pytest.warns(UserWarning, match="needs no calibration"):
-        q = modulora.load(model, "rtn-4bit", calibration=ids)
-    assert len(dict(modulora.iter_modulora_layers(q))) == len(block_linears(tiny()))
+        q = modulora.load(model, "rtn-4bit", calibration=ids, lora=None)
+    assert len(dict(modulora.iter_quantized_layers(q))) == len(block_linears(tiny()))
 
 
 def test_targets_outside_the_blocks_are_refused():
     model, ids = tiny(), tokens()
     with pytest.raises(CalibrationError, match="outside the decoder blocks"):
-        modulora.load(model, "optq-4bit", calibration=ids,
-                      lora=modulora.LoraConfig(target_modules=["q_proj", "lm_head"]))
+        modulora.load(model, "optq-4bit", calibration=ids, targets=["q_proj", "lm_head"], lora=None)
 
 
 def test_token_ids_beyond_the_vocabulary_are_refused():
@@ -220,8 +219,8 @@ def test_text_file_is_cut_into_windows_with_the_models_tokenizer(tmp_path):
     ids = calibration_tokens(cal, d)
     assert ids.shape == (5, 100) and ids.dtype == torch.int64
     assert ids[0, :6].tolist() == char_tokenizer()("Return", add_special_tokens=False)["input_ids"]
-    q = modulora.load(d, "optq-3bit", calibration=f, n_samples=2, seq_len=50)
-    assert len(dict(modulora.iter_modulora_layers(q))) == 14
+    q = modulora.load(d, "optq-3bit", calibration=f, n_samples=2, seq_len=50)  # with PEFT LoRA
+    assert len(dict(modulora.iter_quantized_layers(q))) == 14
 
 
 def test_datasets_text_and_input_ids_columns():

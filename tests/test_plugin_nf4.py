@@ -10,7 +10,9 @@ import json
 
 import pytest
 import torch
+from peft import PeftModel
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 import modulora
 from modulora_core import CheckpointError, InvalidWeightError, QuantizerConfigError
@@ -259,24 +261,32 @@ def test_takeover_matches_bnb_logits(tiny_llama, tmp_path, quant_type, double_qu
         ref = model(x).logits
     q_proj = model.model.layers[0].self_attn.q_proj
     data = q_proj.weight.data
-    taken = modulora.load(model)  # no quantizer name: the plugin's detect hook claims the model
+    taken = modulora.load(model, lora=None)  # no quantizer name: the plugin's detect hook claims the model
+    assert taken is model  # converted in place
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in taken.modules())
     layer = taken.model.layers[0].self_attn.q_proj
-    assert isinstance(layer, modulora.ModuLoRALinear)
+    assert isinstance(layer, modulora.QuantizedLinear)
     assert layer.packed_codes.data_ptr() == data.data_ptr(), "converted in place, not re-quantized"
-    info = taken.modulora_info
-    assert info.quantizer == ("nf4" if double_quant else f"{quant_type}-nodq") and len(info.modules) == 14
-    assert {n for n, p in taken.named_parameters() if p.requires_grad} == {
-        f"{m}.lora_{ab}.weight" for m in info.modules for ab in "AB"}
-    assert not hasattr(taken.config, "quantization_config")
+    preset = "nf4" if double_quant else f"{quant_type}-nodq"
+    layers = dict(modulora.iter_quantized_layers(taken))
+    assert len(layers) == 14 and {m.preset for m in layers.values()} == {preset}
+    qc = taken.config.quantization_config  # bitsandbytes' record is gone, ModuLoRA's is there
+    assert isinstance(qc, modulora.ModuLoRAConfig) and qc.preset == preset and len(qc.modules) == 14
+    assert qc.quantizer_config["quant_type"] == quant_type and qc.quantizer_config["double_quant"] == double_quant
+    assert not any(p.requires_grad for p in taken.parameters())
     with torch.no_grad():
         out = taken(x).logits
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
 
     modulora.save_quantized(taken, tmp_path / "q")  # our own format from here on
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["quant_method"] == "modulora"
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert {m.preset for _, m in modulora.iter_quantized_layers(again)} == {preset}
+    peft_model = modulora.load(tmp_path / "q")  # PEFT LoRA (r=8, B = 0) on the reloaded base
+    assert isinstance(peft_model, PeftModel)
     with torch.no_grad():
-        again = modulora.load(tmp_path / "q")(x).logits
-    torch.testing.assert_close(again, out, atol=0, rtol=0)
+        torch.testing.assert_close(again(x).logits, out, atol=0, rtol=0)
+        torch.testing.assert_close(peft_model(x).logits, out, atol=0, rtol=0)
 
 
 @needs_bnb
@@ -286,7 +296,9 @@ def test_takeover_from_a_saved_bnb_directory(tiny_llama, tmp_path):
     with torch.no_grad():
         ref = model(x).logits
     model.save_pretrained(tmp_path / "bnb")
-    taken = modulora.load(tmp_path / "bnb")
+    taken = modulora.load(tmp_path / "bnb")  # loaded by transformers + bitsandbytes, taken over, LoRA on top
+    assert isinstance(taken, PeftModel)
+    assert len(list(modulora.iter_quantized_layers(taken))) == 14
     with torch.no_grad():
         torch.testing.assert_close(taken(x).logits, ref, atol=1e-5, rtol=0)
 
@@ -329,8 +341,8 @@ def test_load_with_the_matching_quantizer_name_takes_over_and_another_name_is_re
     with torch.no_grad():
         ref = model(x).logits
     taken = modulora.load(model, "nf4")  # same format: converted, not re-quantized
-    assert taken.modulora_info.quantizer == "nf4"
+    assert {m.preset for _, m in modulora.iter_quantized_layers(taken)} == {"nf4"}
     with torch.no_grad():
         torch.testing.assert_close(taken(x).logits, ref, atol=1e-5, rtol=0)
-    with pytest.raises(modulora.ModuLoRAError, match="already quantized as 'nf4'.*dense weights are gone"):
+    with pytest.raises(modulora.ModuLoRAError, match="quantized with 'nf4'.*not the requested 'rtn-4bit'.*dense weights are gone"):
         modulora.load(_bnb_model(tiny_llama), "rtn-4bit")

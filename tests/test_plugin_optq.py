@@ -16,15 +16,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from torch import nn
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import modulora
-from modulora_core import CheckpointError, InvalidWeightError, QuantizerConfigError
+from modulora import ModuLoRAConfig
+from modulora_core import CheckpointError, InvalidWeightError, QuantizedLinear, QuantizerConfigError
+from modulora_core.peft_lora import QuantizedLoraLinear
 from modulora_core.testing import QuantizerConformance
 from modulora_core.testing.weights import gaussian_weight, synthetic_hessian
 from modulora_plugin_optq import OPTQConfig, OPTQQuantizer
 from modulora_plugin_optq.gptq import group_params
+from modulora_plugin_optq.gptq_format import load_gptq
 from modulora_plugin_optq.packing import pack_rows, unpack_rows, zeros_v1_to_v2, zeros_v2_to_v1
 
 Q = OPTQQuantizer()
@@ -191,27 +196,70 @@ def ours(tmp_path_factory):
     root = tmp_path_factory.mktemp("optq")
     tiny_llama().save_pretrained(root / "dense")
     byte_tokenizer().save_pretrained(root / "dense")  # GPTQModel loads the model's tokenizer
-    model = modulora.load(root / "dense", OPTQConfig(bits=4, group_size=32, desc_act=True), calibration=CALIB)
-    modulora.save_quantized(model, root / "gptq", format="gptq")
-    return root, model
+    peft_model = modulora.load(root / "dense", OPTQConfig(bits=4, group_size=32, desc_act=True), calibration=CALIB)
+    assert isinstance(peft_model, PeftModel)
+    modulora.save_quantized(peft_model, root / "gptq", format="gptq")  # the adapters are left out
+    return root, peft_model.unload()
 
 
-def test_saved_gptq_checkpoint_is_read_back_bit_for_bit(ours):
+def test_saved_gptq_checkpoint_is_read_back_bit_for_bit(ours, tmp_path):
     root, model = ours
     qc = json.loads((root / "gptq" / "config.json").read_text())["quantization_config"]
     assert (qc["quant_method"], qc["bits"], qc["group_size"], qc["desc_act"], qc["sym"]) == ("gptq", 4, 32, True, True)
-    back = modulora.load(root / "gptq")  # claimed by the optq plugin: no quantizer name, no re-quantizing
-    assert back.modulora_info.family == "optq"
-    for name, m in modulora.iter_modulora_layers(model):
+    assert json.loads((root / "gptq" / "quantize_config.json").read_text()) == qc
+    files = load_file(root / "gptq" / "model.safetensors")
+    assert not [k for k in files if "lora_" in k or ".packed_" in k]
+    assert "lm_head.weight" not in files  # tied: saved once, as the input embedding
+    back = modulora.load(root / "gptq", lora=None)  # claimed by the optq plugin: no quantizer name, no re-quantizing
+    assert not isinstance(back, PeftModel) and not any(p.requires_grad for p in back.parameters())
+    assert isinstance(back.config.quantization_config, ModuLoRAConfig)
+    assert (back.config.quantization_config.family, back.config.quantization_config.preset) == ("optq", "optq")
+    assert back.lm_head.weight is back.model.embed_tokens.weight
+    layers = dict(modulora.iter_quantized_layers(model))
+    assert layers.keys() == dict(modulora.iter_quantized_layers(back)).keys() and len(layers) == 14
+    for name, m in layers.items():
         b = back.get_submodule(name)
+        assert b.preset == "optq" and b.plugin_version == m.plugin_version
         for k, t in m.packed.tensors.items():
             assert torch.equal(b.packed.tensors[k], t), f"{name}.{k}"
     torch.testing.assert_close(logits(back), logits(model), rtol=0, atol=0)
-    assert all(p.requires_grad for p in modulora.lora_parameters(back))
-    back.train()
-    loss = back(IDS, labels=IDS).loss
+    # from here on it is a ModuLoRA model: save_pretrained writes our format, from_pretrained reads it packed
+    back.save_pretrained(tmp_path / "native")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "native")
+    assert len(list(modulora.iter_quantized_layers(again))) == 14
+    torch.testing.assert_close(logits(again), logits(model), rtol=0, atol=0)
+    # modulora.load(path) attaches PEFT LoRA (r=8 on every quantized module), which trains
+    peft_model = modulora.load(root / "gptq", chunk_rows=16)
+    assert isinstance(peft_model, PeftModel)
+    trainable = modulora.lora_parameters(peft_model)
+    assert len(trainable) == 28 and all("lora_" in n for n, p in peft_model.named_parameters() if p.requires_grad)
+    assert {m.chunk_rows for _, m in modulora.iter_quantized_layers(peft_model)} == {16}
+    torch.testing.assert_close(logits(peft_model), logits(model), rtol=0, atol=0)  # lora_B = 0
+    peft_model.train()
+    loss = peft_model(IDS, labels=IDS).loss
     loss.backward()
-    assert all(p.grad is not None for p in modulora.lora_parameters(back))
+    assert all(p.grad is not None for p in trainable)
+
+
+def test_quantized_lm_head_and_a_bias_round_trip_through_gptq(tmp_path):
+    dense = tiny_llama()
+    dense.model.layers[0].self_attn.q_proj.bias = nn.Parameter(torch.randn(128) * 0.1)
+    hessians = {n: torch.eye(m.in_features) for n, m in dense.named_modules()  # block calibration skips lm_head
+                if isinstance(m, nn.Linear) and (n.endswith("_proj") or n == "lm_head")}
+    pm = modulora.load(dense, "optq-4bit", calibration=hessians, targets=list(hessians))  # LoRA on all 15
+    assert isinstance(pm.get_base_model().lm_head, QuantizedLoraLinear)
+    modulora.save_quantized(pm, tmp_path, format="gptq")
+    conf = json.loads((tmp_path / "config.json").read_text())
+    assert conf["quantization_config"]["lm_head"] is True and conf["tie_word_embeddings"] is False
+    back = modulora.load(tmp_path, lora=None)
+    assert isinstance(back.lm_head, QuantizedLinear) and back.lm_head.preset == "optq-4bit"
+    q = back.model.layers[0].self_attn.q_proj
+    assert torch.equal(q.bias, dense.model.layers[0].self_attn.q_proj.get_base_layer().bias)
+    with pm.disable_adapter():
+        torch.testing.assert_close(logits(back), logits(pm), rtol=0, atol=0)
+    pm.merge_adapter()
+    with pytest.raises(CheckpointError, match="merged adapters"):
+        modulora.save_quantized(pm, tmp_path / "merged", format="gptq")
 
 
 def test_quantize_config_json_alone_and_v2_zeros_are_read(ours, tmp_path):
@@ -234,17 +282,36 @@ def test_quantize_config_json_alone_and_v2_zeros_are_read(ours, tmp_path):
         n_out = t[k[: -len("qzeros")] + "scales"].shape[1]
         t[k] = pack_cols(zeros_v1_to_v2(t[k], 4, n_out), 4)
     save_file(t, d / "model.safetensors")
-    back = modulora.load(d)
-    for name, m in modulora.iter_modulora_layers(model):
+    back = modulora.load(d, lora=None)
+    for name, m in modulora.iter_quantized_layers(model):
         assert torch.equal(back.get_submodule(name).packed.tensors["qzeros"], m.packed.tensors["qzeros"])
 
 
 def test_gptq_format_needs_optq_layers(ours, tmp_path):
-    rtn = modulora.load(tiny_llama(), "rtn-4bit")
+    rtn = modulora.load(tiny_llama(), "rtn-4bit")  # a PeftModel: save_quantized looks through it
     with pytest.raises(CheckpointError, match="whose plugin writes no other format"):
         modulora.save_quantized(rtn, tmp_path, format="gptq")
     with pytest.raises(CheckpointError, match=r"writes \['gptq'\]"):
         modulora.save_quantized(ours[1], tmp_path, format="awq")
+
+
+def test_interrupted_gptq_save_leaves_the_previous_checkpoint(ours, tmp_path, monkeypatch):
+    import shutil
+
+    import safetensors.torch
+
+    root, model = ours
+    d = shutil.copytree(root / "gptq", tmp_path / "ck")
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+
+    def broken_writer(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken_writer)
+    with pytest.raises(OSError, match="disk full"):
+        modulora.save_quantized(model, d, format="gptq")
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before  # no staging folder left either
 
 
 def test_broken_gptq_checkpoints_are_clear_errors(ours, tmp_path):
@@ -289,18 +356,18 @@ def reference(ours):
 @pytest.mark.parametrize("job", sorted(JOBS))
 def test_gptqmodel_checkpoint_loads_as_written_and_as_it_dequantizes(reference, job):
     root, ref = reference
-    model = modulora.load(root / job)
+    model = load_gptq(root / job, dtype=torch.float32)  # GPTQModel saves float16; the packed tensors stay as saved
     files = load_file(root / job / "model.safetensors")
-    layers = dict(modulora.iter_modulora_layers(model))
+    layers = dict(modulora.iter_quantized_layers(model))
     assert len(layers) == 14
     for name, m in layers.items():
         for k, t in m.packed.tensors.items():
             assert torch.equal(t, files[f"{name}.{k}"]), f"{name}.{k} is not the file's tensor"
         # transformers + GPTQModel dequantize in float16: ours, asked for float16, is the same to the bit
-        torch.testing.assert_close(m.dense_weight(torch.float16), ref[job]["weights"][name], rtol=0, atol=0)
+        torch.testing.assert_close(m.dequantize(torch.float16), ref[job]["weights"][name], rtol=0, atol=0)
     if job == "g3":
         assert any(bool((m.packed.tensors["g_idx"].diff() < 0).any()) for m in layers.values())
-    out = logits(model.float())
+    out = logits(model)
     # float32 here, float16-rounded weights there: the weights above are the exact check
     torch.testing.assert_close(out, ref[job]["logits"], rtol=0, atol=1e-2 * float(out.abs().max()))
 
@@ -309,8 +376,8 @@ def test_gptqmodel_checkpoint_loads_as_written_and_as_it_dequantizes(reference, 
 def test_transformers_loads_our_gptq_checkpoint_with_the_same_weights_and_logits(reference, ours):
     root, ref = reference
     _, model = ours
-    for name, m in modulora.iter_modulora_layers(model):
-        torch.testing.assert_close(m.dense_weight(torch.float16), ref["gptq"]["weights"][name], rtol=0, atol=0)
+    for name, m in modulora.iter_quantized_layers(model):
+        torch.testing.assert_close(m.dequantize(torch.float16), ref["gptq"]["weights"][name], rtol=0, atol=0)
     out = logits(model)
     torch.testing.assert_close(out, ref["gptq"]["logits"], rtol=0, atol=1e-2 * float(out.abs().max()))
 
@@ -380,8 +447,8 @@ def test_smollm2_block_0_beats_round_to_nearest_on_real_activations():
             return float(torch.trace(e @ h @ e.T))
 
         assert out_err(dense(OPTQConfig(bits=4), w, hessians[n])) < 0.5 * out_err(rtn(w, 4, 128)), n
-    q = modulora.load(model, "optq-3bit", calibration=cal, lora=modulora.LoraConfig(target_modules=names))
-    assert sorted(n for n, _ in modulora.iter_modulora_layers(q)) == sorted(names)
+    q = modulora.load(model, "optq-3bit", calibration=cal, targets=names, lora=None)
+    assert sorted(n for n, _ in modulora.iter_quantized_layers(q)) == sorted(names)
 
 
 # -- the subprocess: GPTQModel + transformers ------------------------------------------------------------------

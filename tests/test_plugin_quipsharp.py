@@ -142,7 +142,7 @@ def test_unpack_rejects_foreign_tensors():
 
 # -- a real model -------------------------------------------------------------------------------------------
 def test_tiny_llama_through_modulora_load_and_save(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
@@ -154,7 +154,7 @@ def test_tiny_llama_through_modulora_load_and_save(tmp_path):
     from modulora_core.calibration_data import Calibration
 
     model = modulora.load(dense, "quipsharp-4bit", calibration=Calibration(tokens, progress=False))
-    layers = dict(modulora.iter_modulora_layers(model))
+    layers = dict(modulora.iter_quantized_layers(model))  # under PEFT's LoRA layers (r=8 on all 14)
     assert len(layers) == 14 and all(m.use_fast_path for m in layers.values())
     with torch.no_grad():
         out = model(input_ids=tokens).logits
@@ -162,8 +162,9 @@ def test_tiny_llama_through_modulora_load_and_save(tmp_path):
     loss = model(input_ids=tokens, labels=tokens).loss
     loss.backward()
     assert all(p.grad is not None for p in modulora.lora_parameters(model))
-    modulora.save_quantized(model, tmp_path / "q")
-    again = modulora.load_quantized(tmp_path / "q")
+    modulora.save_quantized(model, tmp_path / "q")  # the base: the adapters are left out
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert len(list(modulora.iter_quantized_layers(again))) == 14
     with torch.no_grad():
         assert torch.equal(again(input_ids=tokens).logits, model(input_ids=tokens).logits)
 
