@@ -3,9 +3,10 @@ QLoRA, same data, seeds and steps; validation loss and ROUGE-L before and after,
 
 Every configuration runs in its own subprocess (peak RSS = the kernel's VmHWM of that process, so one
 configuration's memory never shows in another's). Dense LoRA and QLoRA use stock PEFT on the float32 model;
-ModuLoRA configurations use ``modulora.load`` (+ calibration on the docsum training text where needed) and
+ModuLoRA configurations quantize with ``modulora.load(..., lora=None)`` (+ calibration on the docsum training
+text where needed), attach the same stock PEFT LoRA (``get_peft_model``) and train with
 :class:`~modulora.finetune.train.ModuLoRATrainer`. All: LoRA r=8, alpha=16 on every decoder-block linear,
-AdamW lr 1e-3, cosine schedule, batch 4, the same seed and data order.
+AdamW lr 1e-3, cosine schedule, batch 4, the same seed, LoRA initialization and data order.
 
     python -m benchmarks.bench_finetune            # 80 steps, 64 validation examples
     python -m benchmarks.bench_finetune --quick    # 20 steps, 16 validation examples
@@ -38,9 +39,18 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _peft_model(path: str, qlora: bool):
+def _lora(model):
+    """Stock PEFT LoRA, the same for every configuration, initialized from seed 0."""
     import torch
     from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    return get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS, lora_dropout=0.0,
+                                            task_type="CAUSAL_LM"))
+
+
+def _peft_model(path: str, qlora: bool):
+    import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     kw = {}
@@ -59,9 +69,7 @@ def _peft_model(path: str, qlora: bool):
         for m in model.modules():
             if isinstance(m, bnb.nn.Linear4bit):
                 m.support_avx512bf16_for_cpu = False
-    torch.manual_seed(0)
-    return get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS, lora_dropout=0.0,
-                                            task_type="CAUSAL_LM"))
+    return _lora(model)
 
 
 def run_one(config: str, steps: int, n_eval: int, n_cal: int, cal_len: int) -> dict:
@@ -69,10 +77,9 @@ def run_one(config: str, steps: int, n_eval: int, n_cal: int, cal_len: int) -> d
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
 
-    import modulora
-    from modulora.cli.common import quantize
     from modulora.finetune.encoding import EncodedDataset, PadCollator, pad_id
     from modulora.finetune.evaluate import evaluate_examples
+    from modulora.finetune.models import quantize
     from modulora.finetune.pretrained import smollm2_dir
     from modulora.finetune.tasks import docsum
     from modulora.finetune.train import ModuLoRATrainer, TrainConfig, loss_history, training_arguments
@@ -88,12 +95,9 @@ def run_one(config: str, steps: int, n_eval: int, n_cal: int, cal_len: int) -> d
     else:
         dense = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         texts = [f"{e.prompt}\n{e.completion}" for e in task.examples("train")]
-        model = quantize(dense, config, lora=modulora.LoraConfig(r=R, alpha=ALPHA), chunk_rows=None,
-                         calibration_texts=texts, tokenizer=tok, calibration_samples=n_cal, seq_len=cal_len)
-        trainer_cls = ModuLoRATrainer
-        torch.manual_seed(0)
-        for _, layer in modulora.iter_modulora_layers(model):
-            layer.reset_lora_parameters()
+        base = quantize(dense, config, calibration_texts=texts, tokenizer=tok, calibration_samples=n_cal,
+                        seq_len=cal_len)  # modulora.load(dense, config, lora=None, calibration=...)
+        model, trainer_cls = _lora(base), ModuLoRATrainer
     quantize_s = time.perf_counter() - t0
     score = lambda: evaluate_examples(model, tok, task, val, max_length=192, batch_size=8,  # noqa: E731
                                       merged=trainer_cls is ModuLoRATrainer)

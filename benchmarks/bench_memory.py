@@ -70,24 +70,24 @@ def model_config(name: str) -> Any:
     return mc(name)
 
 
-def random_quantized_llama(config: Any, quantizer: str, lora: Any, chunk_rows: int | None, seed: int = 0) -> Any:
-    """A Llama with random weights whose targeted linears are quantized as each is generated: built on the
-    meta device, one weight materialized at a time, so peak memory is one dense layer plus the result."""
+def random_quantized_llama(config: Any, quantizer: str, chunk_rows: int | None, seed: int = 0) -> Any:
+    """A Llama with random weights whose decoder-block linears are quantized as each is generated: built on
+    the meta device, one weight materialized at a time, so peak memory is one dense layer plus the result.
+    No adapter yet (``build`` adds PEFT's)."""
     import modulora
-    from modulora_core.model import ModuLoRAInfo, build_empty, finalize_model, replace_linear, select_targets
+    from modulora_core import ModuLoRAConfig, mark_quantized, replace_linear
+    from modulora_core.surgery import build_empty, select_targets
 
     gen = torch.Generator().manual_seed(seed)
     model = build_empty(config)
     bq = modulora.get_quantizer(quantizer)
-    for name in select_targets(model, lora.target_modules):
+    for name in select_targets(model, None):  # None: every linear of the decoder blocks
         lin = model.get_submodule(name)
         w = torch.randn(lin.out_features, lin.in_features, generator=gen) * config.initializer_range
-        replace_linear(model, name, bq.quantize(w), bq.quantizer, lora=lora, chunk_rows=chunk_rows,
-                       quantizer_name=bq.name, plugin_version=bq.version)
+        replace_linear(model, name, bq.quantize(w), bq, chunk_rows=chunk_rows)
         del w
     _fill_meta(model, config, gen)
-    names = [n for n, _ in modulora.iter_modulora_layers(model)]
-    return finalize_model(model, ModuLoRAInfo.from_bound(bq, lora=lora, chunk_rows=chunk_rows, modules=names))
+    return mark_quantized(model, ModuLoRAConfig(bq, chunk_rows=chunk_rows))
 
 
 def _fill_meta(model: Any, config: Any, gen: torch.Generator) -> None:
@@ -108,7 +108,7 @@ def bnb_nf4_model(model_name: str) -> Any:
 
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from modulora_core.model import build_empty
+    from modulora_core.surgery import build_empty
 
     bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                     bnb_4bit_compute_dtype=torch.float32)
@@ -141,10 +141,9 @@ def _unpin_all(model: Any) -> Any:
 
 
 def build(model_name: str, quantizer: str, chunk_rows: int | None, r: int) -> Any:
-    """The model of one configuration, LoRA attached, ready to train."""
+    """The model of one configuration, PEFT LoRA (r, alpha 2r) on every decoder linear, ready to train."""
     import modulora
 
-    lora = modulora.LoraConfig(r=r, alpha=2 * r)
     if quantizer == QLORA:
         return _peft_lora(bnb_nf4_model(model_name), r)
     if model_name == "smollm2-135m":
@@ -154,36 +153,46 @@ def build(model_name: str, quantizer: str, chunk_rows: int | None, r: int) -> An
 
         dense = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32)
         if quantizer != "dense":
-            return _unpin_checkpoint(modulora.load(dense, quantizer, lora=lora, chunk_rows=chunk_rows))
+            base = modulora.load(dense, quantizer, lora=None, chunk_rows=chunk_rows)
+            return _peft_lora(_unpin_checkpoint(base), r)
     else:
         config = model_config(model_name)
         if quantizer != "dense":
-            return random_quantized_llama(config, quantizer, lora, chunk_rows)
-        from modulora_core.model import build_empty
+            return _peft_lora(random_quantized_llama(config, quantizer, chunk_rows), r)
+        from modulora_core.surgery import build_empty
 
         dense = build_empty(config)
         _fill_meta(dense, config, torch.Generator().manual_seed(0))
     return _peft_lora(dense, r)
 
 
-def _peft_lora(model: Any, r: int) -> Any:
-    """Stock PEFT LoRA on every decoder linear (no prepare_model_for_kbit_training: nothing but LoRA)."""
-    from peft import LoraConfig, get_peft_model
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    return get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, lora_dropout=0.0))
+
+def lora_config(r: int) -> Any:
+    """PEFT's LoraConfig of every configuration: r, alpha 2r, every decoder linear, no dropout."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, lora_dropout=0.0)
+
+
+def _peft_lora(model: Any, r: int) -> Any:
+    """Stock PEFT LoRA on every decoder linear (no prepare_model_for_kbit_training: nothing but LoRA); over
+    a ModuLoRA model PEFT builds its LoRA layer around each QuantizedLinear."""
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(r))
 
 
 def _unpin_checkpoint(model: Any) -> Any:
-    """Copy the tensors left dense after quantization out of the checkpoint's file mapping.
+    """Copy the parameters left dense after quantization out of the checkpoint's file mapping.
 
     from_pretrained's tensors are views of one mmap of the safetensors file, which stays mapped while any
     of them lives: the embeddings alone would keep every page read during quantization resident (the whole
     540 MB file, as file-backed RSS). A copy of the embeddings and norms lets the mapping go.
     """
-    for p in model.parameters():
-        if not p.requires_grad:
-            p.data = p.data.clone()
+    for p in model.parameters():  # the packed weights are buffers, new tensors already
+        p.data = p.data.clone()
     gc.collect()
     return model
 
@@ -259,14 +268,13 @@ def measure(spec: dict[str, Any], cache: str | None = None) -> dict[str, Any]:
 
 def predict(spec: dict[str, Any], runtime_bytes: int | None = None) -> Any:
     """The planner's prediction for one configuration (QLoRA: see :data:`QLORA`)."""
-    import modulora
     from modulora.planning.planner import plan
 
     quantizer = spec["quantizer"]
     if quantizer == QLORA:
         quantizer = "qlora"
     return plan(model_config(spec["model"]), quantizer, batch_size=spec["batch"], seq_len=spec["seq"],
-                lora=modulora.LoraConfig(r=spec["r"], alpha=2 * spec["r"]), dtype="float32",
+                lora=lora_config(spec["r"]), dtype="float32",
                 gradient_checkpointing=spec["checkpointing"], chunk_rows=spec["chunk_rows"], device="cpu",
                 runtime_bytes=runtime_bytes)
 

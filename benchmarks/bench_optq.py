@@ -68,7 +68,7 @@ def run_ours(d: Path, calib: torch.Tensor, eval_win: torch.Tensor, bits: int, ac
     """(seconds to quantize a loaded model, held-out perplexity, storage bits per weight) of our OPTQ."""
     model = dense_model(d)
     t0 = time.perf_counter()
-    q = modulora.load(model, OPTQConfig(bits=bits, group_size=128, desc_act=act),
+    q = modulora.load(model, OPTQConfig(bits=bits, group_size=128, desc_act=act), lora=None,
                       calibration=Calibration(calib, batch_size=batch_size, progress=False))
     return time.perf_counter() - t0, perplexity(q, eval_win), bits_per_weight(q)
 
@@ -84,7 +84,7 @@ def run_gptqmodel(d: Path, calib: torch.Tensor, eval_win: torch.Tensor, configs:
         # our loader gives exactly the weights GPTQModel's kernels dequantize, computed in float32
         out = []
         for j, s in zip(jobs, secs, strict=True):
-            q = modulora.load(j.out_dir).float()
+            q = modulora.load(j.out_dir, lora=None).float()
             out.append((s, perplexity(q, eval_win), bits_per_weight(q)))
         return out
 
@@ -129,7 +129,7 @@ def main() -> None:
     for bits in a.bits:  # context: round-to-nearest at the same storage (symmetric, group 128)
         from modulora_plugin_rtn import RTNConfig
 
-        qr = modulora.load(dense_model(d), RTNConfig(bits=bits, group_size=128, symmetric=True))
+        qr = modulora.load(dense_model(d), RTNConfig(bits=bits, group_size=128, symmetric=True), lora=None)
         rtn[bits] = perplexity(qr, eval_win)
         data.append({"name": f"rtn-{bits}bit-g128", "family": "rtn", "bits_per_weight": bits_per_weight(qr),
                      "perplexity": rtn[bits]})

@@ -4,8 +4,9 @@ Every quantizer sees the same model (SmolLM2-135M-Instruct, real weights, float3
 calibration, the same tokens: windows of the train split of the stdlib docstrings (modulora.finetune.data),
 run block by block through the core calibration pipeline (``modulora.load(..., calibration=...)``).
 Perplexity is measured on windows of the held-out test split. Then one 1536x576 and one 4096x4096 layer
-run forward+backward through ModuLoRALinear on the fast path (Hadamard transforms of the activations,
-decoded codes in row blocks) and on the generic path (materialize the dense weight, then multiply).
+run forward+backward through PEFT's LoRA over a QuantizedLinear on the fast path (Hadamard transforms of
+the activations, decoded codes in row blocks) and on the generic path (materialize the dense weight, then
+multiply).
 bitsandbytes' own NF4 (transformers ``BitsAndBytesConfig``, double quantization, float32 compute) is a
 reference row. Raw rows go to ``docs/data/<section>.json`` for ``benchmarks/plot_quality.py``.
 
@@ -91,17 +92,17 @@ def quantized_ppl(path, preset: str, calib: torch.Tensor, test: torch.Tensor) ->
     q.quantize_weight = timed  # an instance attribute shadows the method for this load only
     t0 = time.perf_counter()
     try:
-        model = modulora.load(model, preset, calibration=Calibration(calib, progress=False) if needs else None)
+        model = modulora.load(model, preset, lora=None,  # the quantized base alone, no adapter
+                              calibration=Calibration(calib, progress=False) if needs else None)
     finally:
         del q.quantize_weight
     seconds = time.perf_counter() - t0
-    modulora.set_adapter_enabled(model, False)  # LoRA B is zero anyway: measure the quantized base alone
     return perplexity(model, test), seconds, inside[0], bits_per_weight(model)
 
 
 def bits_per_weight(model: torch.nn.Module) -> float:
     """Storage bits per weight of a ModuLoRA model: every packed tensor of its quantized linears."""
-    layers = [m for _, m in modulora.iter_modulora_layers(model)]
+    layers = [m for _, m in modulora.iter_quantized_layers(model)]
     return sum(m.packed.nbytes() * 8 for m in layers) / sum(m.in_features * m.out_features for m in layers)
 
 
@@ -130,22 +131,25 @@ def bitsandbytes_ppl(path, test: torch.Tensor) -> tuple[float, float, float]:
 
 
 class DenseLoRA(torch.nn.Module):
-    """A ModuLoRALinear's weight as a frozen dense nn.Linear plus the same LoRA A/B."""
+    """A PEFT LoRA layer's quantized base as a frozen dense nn.Linear plus the same LoRA A/B."""
 
     def __init__(self, layer) -> None:
         super().__init__()
-        self.base = torch.nn.Linear(layer.in_features, layer.out_features, bias=False)
-        self.base.weight = torch.nn.Parameter(layer.dense_weight(torch.float32).contiguous(),
-                                              requires_grad=False)
-        self.lora_A, self.lora_B, self.scaling = layer.lora_A, layer.lora_B, layer.scaling
+        base = layer.get_base_layer()
+        self.base = torch.nn.Linear(base.in_features, base.out_features, bias=False)
+        self.base.weight = torch.nn.Parameter(base.dequantize(torch.float32).contiguous(), requires_grad=False)
+        self.lora_A, self.lora_B = layer.lora_A["default"], layer.lora_B["default"]
+        self.scaling = layer.scaling["default"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x) + self.scaling * self.lora_B(self.lora_A(x))
 
 
 def layer_step_ms(shape: tuple[int, int], tokens: int, reps: int, preset_config) -> dict[str, float]:
-    """Median ms of forward+backward of one ModuLoRALinear, fast path vs materialize path (interleaved)."""
-    from modulora_core.layers import ModuLoRALinear
+    """Median ms of forward+backward of PEFT's LoRA over one QuantizedLinear, fast path vs materialize path
+    (interleaved)."""
+    from benchmarks.bench_layer import peft_lora
+    from modulora_core import QuantizedLinear
 
     bq = modulora.get_quantizer(preset_config)
     torch.manual_seed(0)
@@ -153,9 +157,10 @@ def layer_step_ms(shape: tuple[int, int], tokens: int, reps: int, preset_config)
     packed = bq.quantize(w)  # plain rounding (ldlq=False): the codes' values do not change the timing
     layers: dict[str, torch.nn.Module] = {}
     for kind in ("fast path", "materialize"):
-        layer = ModuLoRALinear(packed, bq.quantizer, r=8, alpha=16)
-        layer.use_fast_path = kind == "fast path"
-        torch.nn.init.normal_(layer.lora_B.weight, std=0.01)
+        base = QuantizedLinear(packed, bq.quantizer, preset=bq.name)
+        base.use_fast_path = kind == "fast path"
+        layer = peft_lora(base, 8, 16)
+        torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.01)
         layers[kind] = layer
     layers["dense"] = DenseLoRA(layers["fast path"])  # the reference: the same weight, dense in memory
     x = torch.randn(tokens, shape[1], requires_grad=True)
@@ -243,7 +248,7 @@ def main() -> None:
         "|---|---|---|---|---|---|\n"
         + "\n".join(rows) + "\n"
         + (f"\nNot installed, so not measured: {', '.join(missing)}.\n" if missing else "")
-        + "\nForward+backward of one ModuLoRALinear (LoRA r=8, float32), median ms: the fast path (Hadamard "
+        + "\nForward+backward of PEFT's LoRA (r=8, float32) over one QuantizedLinear, median ms: the fast path (Hadamard "
         "transforms of the activations, codes decoded in row blocks, no dense weight) against the generic path "
         "(materialize the dense weight in float64-exact arithmetic, then multiply), with a dense nn.Linear + "
         "LoRA holding the same weight as the reference.\n\n"

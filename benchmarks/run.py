@@ -23,8 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-# Report order: quality, finetuning, memory, speed. A name is ``benchmarks.bench_<name>``.
-BENCHMARKS = ("quantizers", "optq", "optq_solver", "quipsharp", "finetune", "memory", "layer")
+# Report order: quality, finetuning, merging, memory, speed. A name is ``benchmarks.bench_<name>``.
+BENCHMARKS = ("quantizers", "optq", "optq_solver", "quipsharp", "finetune", "merge", "memory", "layer")
 # The quick report: each script's --quick mode, cut to the configurations that answer the headline
 # questions (4-bit OPTQ against GPTQModel; 2-bit QuIP# against 3-bit OPTQ and NF4; 2-bit finetuning
 # against dense LoRA and NF4), to finish in about 20 minutes on 2 cores
@@ -34,6 +34,7 @@ QUICK_ARGS: dict[str, list[str]] = {
     "optq_solver": ["--blocks", "0", "--bits", "4"],
     "quipsharp": ["--quick", "--presets", "quip#-2bit,optq-3bit,nf4"],
     "finetune": ["--quick", "--configs", "dense,quip#-2bit,nf4"],
+    "merge": ["--quick"],
     "memory": ["--quick"],
     "layer": ["--quick"],
 }

@@ -1,5 +1,6 @@
 """The `modulora` command end to end in real subprocesses on a tiny model: finetune (own data), resume,
-Ctrl-C, eval, generate, merge, quantize; bad input gives `error: ...` and exit status 2."""
+Ctrl-C, eval, generate, merge (dense and re-quantized), quantize; quantization targets apart from LoRA
+targets, DoRA and rsLoRA; bad input gives `error: ...` and exit status 2."""
 
 from __future__ import annotations
 
@@ -89,6 +90,42 @@ def _check_eval_generate_merge(run: Path, data: Path, tmp_path: Path) -> None:
     assert type(dense).__name__ == "LlamaForCausalLM"
     e2 = modulora("eval", "--model", merged, "--data", data, "--json")
     assert json.loads(e2.stdout)["loss"] == pytest.approx(after, rel=1e-3)
+
+
+def test_targets_apart_from_lora_targets_with_dora(tiny, data, tmp_path):
+    out = tmp_path / "out"
+    modulora("finetune", "--model", tiny, "--quantizer", "rtn-4bit", "--data", data, "--out", out,
+             "--max-steps", "2", "--batch-size", "4", "--eval-size", "4", "--lr", "5e-3",
+             "--targets", "q_proj,k_proj,v_proj,o_proj", "--skip", "k_proj", "--lora-targets", "q_proj,v_proj",
+             "--dora", "--rslora", "-r", "4")
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter["peft_type"] == "LORA" and adapter["use_dora"] and adapter["use_rslora"] and adapter["r"] == 4
+    assert sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
+    quantized = json.loads((out / "base" / "config.json").read_text())["quantization_config"]["modules"]
+    assert sorted({n.rsplit(".", 1)[-1] for n in quantized}) == ["o_proj", "q_proj", "v_proj"]
+    assert len(quantized) == 6  # 2 blocks; k_proj skipped, the MLP not targeted
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["lora"].startswith("DoRA r=4") and "q_proj, v_proj" in m["lora"]
+    e = modulora("eval", "--model", out / "base", "--adapter", out / "adapter", "--data", data, "--json")
+    assert json.loads(e.stdout)["loss"] == pytest.approx(m["after"]["loss"], rel=1e-4)
+    # merged into the packed base: q_proj and v_proj re-quantized, the rest as it was
+    merged = tmp_path / "requantized"
+    modulora("merge", "--model", out / "base", "--adapter", out / "adapter", "--out", merged, "--requantize")
+    again = json.loads((merged / "config.json").read_text())["quantization_config"]
+    assert again["preset"] == "rtn-4bit" and sorted(again["modules"]) == sorted(quantized)
+    e2 = modulora("eval", "--model", merged, "--data", data, "--json")
+    assert json.loads(e2.stdout)["loss"] == pytest.approx(m["after"]["loss"], rel=0.05)
+
+
+def test_default_lora_targets_follow_the_quantized_linears(tiny, data, tmp_path):
+    out = tmp_path / "out"
+    modulora("finetune", "--model", tiny, "--quantizer", "rtn-4bit", "--data", data, "--out", out,
+             "--max-steps", "1", "--eval-size", "0", "--targets", r"model\.layers\.0\..*", "--skip", "down_proj")
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    # only block 0 is quantized: full names, since block 1's linears have the same leaf names
+    assert sorted(adapter["target_modules"]) == sorted(
+        f"model.layers.0.{m}" for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                        "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj"))
 
 
 def _check_adapter_for_another_quantizer_is_refused(run: Path, tiny: Path, tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 """Two processes with torchrun and with ``accelerate launch`` (DDP, gloo on CPU) on a tiny model: the logged
 loss matches a single-process run with the same global batch, the packed base is not broadcast, and one
-adapter comes out."""
+adapter (PEFT format) comes out."""
 
 from __future__ import annotations
 
@@ -50,6 +50,7 @@ def _assert_matches_single(one: dict, two: dict, out: Path) -> None:
     for step in l1:
         assert l2[step] == pytest.approx(l1[step], rel=1e-4), (step, l1, l2)
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
     assert not list(out.glob("checkpoints/*/model*.safetensors"))
 
 

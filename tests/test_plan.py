@@ -1,5 +1,5 @@
 """modulora.plan: exact packed sizes, model shapes, the activation model against counted tensors, the
-components and their total, bad input, and `modulora plan`."""
+components and their total, quantization targets apart from LoRA targets, bad input, and `modulora plan`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 import typer
+from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
@@ -15,7 +16,7 @@ import modulora
 from modulora.cli import plan as plan_cli
 from modulora.planning.memtrace import PeakTracker, peak_bytes
 from modulora.planning.planner import QLORA_RUNTIME_EXTRA, parse_size, plan
-from modulora.planning.shapes import BUILTIN_MODELS, model_config, model_shapes
+from modulora.planning.shapes import BUILTIN_MODELS, model_config, model_shapes, quantized_names
 from modulora_core.errors import InvalidWeightError, ModuLoRAError, UnknownQuantizerError
 from modulora_core.quantizer import Quantizer
 
@@ -107,13 +108,14 @@ def test_builtin_smollm2_matches_the_real_config() -> None:
 
 
 # -- the activation model against the tensors a real step holds ---------------------------------------------
-def _measured_peak(cfg: LlamaConfig, preset: str, batch: int, seq: int, dtype: torch.dtype,
-                   lora: modulora.LoraConfig, checkpointing: bool) -> int:
+def _measured_peak(cfg: LlamaConfig, preset: str, batch: int, seq: int, dtype: torch.dtype, lora: LoraConfig,
+                   checkpointing: bool, targets: list[str] | None = None) -> int:
     """Bytes of every tensor alive at the peak of a training step (after a warm-up step), exactly."""
     torch.manual_seed(0)
-    model = modulora.load(LlamaForCausalLM(cfg).to(dtype), preset, lora=lora)
+    base = modulora.load(LlamaForCausalLM(cfg).to(dtype), preset, lora=None, targets=targets)
+    model = get_peft_model(base, lora)
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable({"use_reentrant": False})
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3)
@@ -137,18 +139,62 @@ def _measured_peak(cfg: LlamaConfig, preset: str, batch: int, seq: int, dtype: t
     {"preset": "rtn-2bit", "dtype": "bfloat16", "dropout": 0.1},
     {"preset": "nf4", "dtype": "float32", "checkpointing": True},
     {"preset": "rtn-3bit", "dtype": "float32", "targets": ["q_proj", "v_proj"]},
+    # the paper's setting: every linear quantized, LoRA on q_proj and v_proj only
+    {"preset": "rtn-4bit", "dtype": "float32", "lora_targets": ["q_proj", "v_proj"]},
+    # LoRA on a linear left dense (down_proj) too
+    {"preset": "rtn-4bit", "dtype": "float32", "targets": ["q_proj", "k_proj", "v_proj", "o_proj"],
+     "lora_targets": ["v_proj", "down_proj"]},
 ], ids=lambda c: "-".join(str(v) for v in c.values()))
 def test_prediction_within_5_percent_of_counted_tensors(case: dict) -> None:
     cfg = tiny_config()
-    lora = modulora.LoraConfig(r=8, dropout=case.get("dropout", 0.0), target_modules=case.get("targets"))
+    targets = case.get("targets")
+    lora_on = case.get("lora_targets") or quantized_names(cfg, targets)
+    lora = LoraConfig(r=8, lora_dropout=case.get("dropout", 0.0), target_modules=lora_on)
     ckpt = case.get("checkpointing", False)
     dtype = getattr(torch, case["dtype"])
     # 256 tokens: enough for the activations to outweigh the LoRA gradients, which the plan counts whole
     # although at the peak only the last layer's exist
-    measured = _measured_peak(cfg, case["preset"], 4, 64, dtype, lora, ckpt)
-    p = plan(cfg, case["preset"], batch_size=4, seq_len=64, lora=lora, dtype=case["dtype"],
+    measured = _measured_peak(cfg, case["preset"], 4, 64, dtype, lora, ckpt, targets)
+    p = plan(cfg, case["preset"], targets=targets, batch_size=4, seq_len=64, lora=lora, dtype=case["dtype"],
              gradient_checkpointing=ckpt, runtime_bytes=0)
     assert abs(p.total - measured) <= 0.05 * measured, (p.total, measured, str(p))
+
+
+# -- quantization targets apart from LoRA targets ------------------------------------------------------------
+def test_lora_targets_are_apart_from_quantization_targets() -> None:
+    cfg = tiny_config()
+    shapes = model_shapes(cfg, None)
+    every = plan(cfg, "rtn-4bit")  # lora=None: r=8 on every quantized linear
+    paper = plan(cfg, "rtn-4bit", lora=LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    # the same packed base; LoRA parameters only for q_proj and v_proj
+    assert paper.component("packed").nbytes == every.component("packed").nbytes
+    assert paper.component("unquantized").nbytes == every.component("unquantized").nbytes
+    qv = [t for t in shapes.targets if t.leaf in ("q_proj", "v_proj")]
+    n_lora = 8 * sum(t.out_features + t.in_features for t in qv)
+    assert paper.component("lora").nbytes == n_lora * 4 * (2 + 2)  # float32 params, grads, 2 AdamW states
+    assert paper.component("activations").nbytes < every.component("activations").nbytes
+    assert paper.settings["lora_modules"] == ["q_proj", "v_proj"] and paper.settings["n_quantized"] == 21
+    # quantizing fewer linears: fewer packed bytes, more dense ones, and LoRA follows by default
+    few = plan(cfg, "rtn-4bit", targets=["q_proj", "v_proj"])
+    assert few.component("lora").nbytes == paper.component("lora").nbytes
+    assert few.component("packed").nbytes < every.component("packed").nbytes
+    assert few.component("unquantized").nbytes > every.component("unquantized").nbytes
+    skip = plan(cfg, "rtn-4bit", modules_to_not_convert=["down_proj"])
+    assert skip.settings["quantized_modules"] == ["gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    # LoRA on linears that stay dense counts their adapters, not their (dense) weights twice
+    dense_lora = plan(cfg, "rtn-4bit", targets=["q_proj"], lora=LoraConfig(target_modules=["q_proj", "down_proj"]))
+    assert dense_lora.settings["n_lora"] == 6 and dense_lora.component("unquantized").nbytes == \
+        few.component("unquantized").nbytes + sum(4 * t.out_features * t.in_features for t in qv if t.leaf == "v_proj")
+
+
+def test_a_lora_config_without_target_modules_means_peft_default() -> None:
+    cfg = tiny_config()
+    p = plan(cfg, "rtn-4bit", lora=LoraConfig(r=4))  # PEFT: q_proj and v_proj for a Llama
+    assert p.settings["lora_modules"] == ["q_proj", "v_proj"] and p.settings["lora_r"] == 4
+    dora = plan(cfg, "rtn-4bit", lora=LoraConfig(r=4, use_dora=True))
+    extra = sum(t.out_features for t in model_shapes(cfg, ["q_proj", "v_proj"]).targets)  # magnitudes
+    assert dora.component("lora").nbytes - p.component("lora").nbytes == extra * 4 * 4
+    assert any("DoRA" in n for n in dora.notes)
 
 
 # -- components and totals ----------------------------------------------------------------------------------
@@ -230,6 +276,8 @@ def test_bad_inputs_give_clear_errors() -> None:
         plan(tiny_config(), optimizer="lion")
     with pytest.raises(ModuLoRAError, match="no quantizer for module .*catch-all"):
         plan(tiny_config(), {"down_proj": "rtn-4bit"})
+    with pytest.raises(ModuLoRAError, match="no nn.Linear .*matches targets=\\['qq_proj'\\]"):
+        plan(tiny_config(), lora=LoraConfig(target_modules=["qq_proj"]))
     with pytest.raises(ModuLoRAError, match="unknown dtype 'float8'"):
         plan(tiny_config(), dtype="float8")
     with pytest.raises(ModuLoRAError, match="a memory size must be positive"):
@@ -271,3 +319,29 @@ def test_cli_json_and_exit_status(tmp_path) -> None:
     assert res.exit_code == 2 and "unknown model 'llama-8b'" in res.output
     res = runner.invoke(_app(), ["plan", str(tmp_path), "--budget", "24 parsecs"])
     assert res.exit_code == 2 and "cannot read the memory size" in res.output
+
+
+def test_cli_targets_apart_from_lora_targets(tmp_path) -> None:
+    tiny_config().save_pretrained(tmp_path)
+    runner = CliRunner()
+
+    def run(*args: str) -> dict:
+        res = runner.invoke(_app(), ["plan", str(tmp_path), "-q", "rtn-4bit", "--json", *args])
+        assert res.exit_code == 0, res.output
+        return json.loads(res.output)
+
+    def nbytes(d: dict, key: str) -> int:
+        return next(c["nbytes"] for c in d["components"] if c["key"] == key)
+
+    default, paper = run(), run("--lora-targets", "q_proj,v_proj")
+    assert default["settings"]["lora_modules"] == default["settings"]["quantized_modules"]
+    assert paper["settings"]["lora_modules"] == ["q_proj", "v_proj"] and paper["settings"]["n_quantized"] == 21
+    assert nbytes(paper, "packed") == nbytes(default, "packed") and nbytes(paper, "lora") < nbytes(default, "lora")
+    # --rank without --lora-targets keeps LoRA on every quantized linear (not PEFT's per-model default)
+    r16 = run("--targets", "q_proj,k_proj,v_proj", "--skip", "k_proj", "-r", "16", "--dora")
+    assert r16["settings"]["quantized_modules"] == r16["settings"]["lora_modules"] == ["q_proj", "v_proj"]
+    assert r16["settings"]["lora_r"] == 16 and r16["settings"]["use_dora"] is True
+    regex = run("--targets", "all-linear", "--lora-targets", r"model\.layers\.0\..*_proj")
+    assert regex["settings"]["n_quantized"] == 21 and regex["settings"]["n_lora"] == 7
+    res = runner.invoke(_app(), ["plan", str(tmp_path), "--lora-targets", "qq_proj"])
+    assert res.exit_code == 2 and "qq_proj" in res.output

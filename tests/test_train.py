@@ -1,5 +1,6 @@
-"""modulora.finetune.train: the stock HF Trainer on a ModuLoRA model — adapter-only atomic checkpoints, resume
-on the same loss curve, Ctrl-C -> checkpoint, gradient checkpointing, DDP exclusions."""
+"""modulora.finetune.train: the stock HF Trainer on a PeftModel over a ModuLoRA base — adapter-only atomic
+checkpoints, resume on the same loss curve (LoRA and DoRA), Ctrl-C -> checkpoint, gradient checkpointing,
+DDP exclusions."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ from pathlib import Path
 import pytest
 import safetensors
 import torch
+from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 import modulora
 from modulora.finetune.data import Example
 from modulora.finetune.encoding import EncodedDataset, PadCollator
+from modulora.finetune.models import lora_config
 from modulora.finetune.tiny import tiny_llama_dir
 from modulora.finetune.train import (
     STAGING_DIR,
@@ -39,9 +42,15 @@ def tiny(tmp_path_factory) -> Path:
     return tiny_llama_dir(tmp_path_factory.mktemp("tiny"))
 
 
-def make(tiny: Path, out: Path, *, steps: int = 6, save_steps: int = 3, gc: bool = False, callbacks=()):
+def peft_model(tiny: Path, **lora) -> PeftModel:
+    """The tiny model quantized with rtn-4bit, PEFT adapters (r=4) on every quantized linear."""
+    base = modulora.load(AutoModelForCausalLM.from_pretrained(tiny), "rtn-4bit", lora=None)
     torch.manual_seed(0)
-    model = modulora.load(AutoModelForCausalLM.from_pretrained(tiny), "rtn-4bit", lora=modulora.LoraConfig(r=4))
+    return get_peft_model(base, lora_config(base, **{"r": 4, **lora}))
+
+
+def make(tiny: Path, out: Path, *, steps: int = 6, save_steps: int = 3, gc: bool = False, callbacks=(), **lora):
+    model = peft_model(tiny, **lora)
     tok = AutoTokenizer.from_pretrained(tiny)
     cfg = TrainConfig(max_steps=steps, batch_size=4, save_steps=save_steps, logging_steps=1, learning_rate=5e-3,
                       gradient_checkpointing=gc, warmup_ratio=0.0)
@@ -58,8 +67,8 @@ def test_checkpoints_hold_the_adapter_not_the_base(tiny, tmp_path):
     tr.train()
     ck = tmp_path / "checkpoint-3"
     files = set(os.listdir(ck))
-    assert {"adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt",
-            "trainer_state.json"} <= files, files
+    assert {"adapter_config.json", "adapter_model.safetensors", "modulora_config.json", "optimizer.pt",
+            "scheduler.pt", "trainer_state.json"} <= files, files
     assert not any(f.startswith("model") for f in files), files
     with safetensors.safe_open(str(ck / "adapter_model.safetensors"), "pt") as f:
         keys = list(f.keys())
@@ -68,14 +77,15 @@ def test_checkpoints_hold_the_adapter_not_the_base(tiny, tmp_path):
     assert last_checkpoint(tmp_path) == ck
 
 
-def test_resume_continues_the_same_loss_curve(tiny, tmp_path):
-    full = make(tiny, tmp_path / "full")
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_resume_continues_the_same_loss_curve(tiny, tmp_path, dora):
+    full = make(tiny, tmp_path / "full", dora=dora)
     full.train()
     straight = dict(loss_history(full))
     # a second run stopped after step 3: resume it from its checkpoint with a freshly initialized model
     part = tmp_path / "part"
     shutil.copytree(tmp_path / "full" / "checkpoint-3", part / "checkpoint-3")
-    resumed = make(tiny, part)
+    resumed = make(tiny, part, dora=dora)
     resumed.train(resume_from_checkpoint=str(last_checkpoint(part)))
     again = dict(loss_history(resumed))
     assert straight[1] > straight[6]  # it learns
@@ -116,10 +126,10 @@ def test_incomplete_checkpoint_is_refused(tmp_path):
 def test_gradient_checkpointing_gives_the_same_gradients(tiny):
     grads = []
     for gc in (False, True):
-        torch.manual_seed(0)
-        m = modulora.load(AutoModelForCausalLM.from_pretrained(tiny), "rtn-4bit", lora=modulora.LoraConfig(r=4))
-        for _, layer in modulora.iter_modulora_layers(m):
-            torch.nn.init.normal_(layer.lora_B.weight, std=0.02)  # nonzero B: gradients reach A too
+        m = peft_model(tiny)
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.02)  # nonzero B: gradients reach A too
         if gc:
             m.activation_checkpointing_enable()  # use_reentrant=False, input grads enabled
         m.train()

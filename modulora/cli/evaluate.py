@@ -10,16 +10,19 @@ from typing import Annotated, Any
 
 import typer
 
-from .common import fail, load_for_inference, load_tokenizer, resolve_model, user_errors
+from .common import fail, split_names, targets_option, user_errors
+from .generate import TARGETS_HELP
 
 
 def register(app: typer.Typer) -> None:
     @app.command("eval")
     def eval_(
         model: Annotated[str | None, typer.Option(help="a quantized base (modulora quantize / finetune's "
-                                                  "base/), or a Hugging Face model [default: SmolLM2]")] = None,
+                                                  "base/), or a Hugging Face model \\[default: SmolLM2]")] = None,
         adapter: Annotated[str | None, typer.Option(help="adapter directory (PEFT format)")] = None,
         quantizer: Annotated[str | None, typer.Option(help="quantize a dense --model with this preset first")] = None,
+        targets: Annotated[str | None, typer.Option(help=TARGETS_HELP)] = None,
+        skip: Annotated[str | None, typer.Option(help="with --quantizer: linears to leave dense")] = None,
         task: Annotated[str | None, typer.Option(help="built-in task: docsum or docmodule")] = None,
         data: Annotated[Path | None, typer.Option(help="your data file: validation loss")] = None,
         perplexity: Annotated[Path | None, typer.Option(help="a text file: perplexity over it")] = None,
@@ -28,7 +31,7 @@ def register(app: typer.Typer) -> None:
         max_length: Annotated[int, typer.Option(min=8, help="tokens per example / perplexity window")] = 256,
         batch_size: Annotated[int, typer.Option(min=1)] = 8,
         chat_template: Annotated[bool | None, typer.Option(help="render prompts with the chat template "
-                                                           "[default: when the tokenizer has one]")] = None,
+                                                           "\\[default: when the tokenizer has one]")] = None,
         merged: Annotated[bool, typer.Option(help="generate answers with a merged dense copy (same weights, "
                                              "faster; off for models too big to hold dense)")] = True,
         as_json: Annotated[bool, typer.Option("--json", help="print the metrics as JSON")] = False,
@@ -36,20 +39,21 @@ def register(app: typer.Typer) -> None:
         """Evaluate: --task T (its metric + loss), --data F (loss), or --perplexity F (perplexity)."""
         if sum(x is not None for x in (task, data, perplexity)) != 1:
             raise fail("give exactly one of --task, --data or --perplexity")
+        from modulora.finetune import models
+        from modulora.finetune.evaluate import evaluate_examples
+        from modulora.finetune.tasks import data_task, get_task
+
         with user_errors():
-            path = resolve_model(model)
-            tok = load_tokenizer(path)
-            if perplexity is not None:
-                text = _read_text(perplexity)
-                m = load_for_inference(path, adapter, quantizer)
+            path = models.resolve_model(model)
+            tok = models.load_tokenizer(path)
+            text = _read_text(perplexity) if perplexity is not None else None  # bad input fails before loading
+            t = None if text is not None else get_task(task) if task else data_task(data)  # type: ignore[arg-type]
+            m = models.load_for_inference(path, adapter, quantizer, targets=targets_option(targets),
+                                          skip=split_names(skip))
+            if t is None:
                 metrics = perplexity_of(m, tok, text, max_length, batch_size)
             else:
-                from modulora.finetune.evaluate import evaluate_examples
-                from modulora.finetune.tasks import data_task, get_task
-
-                t = get_task(task) if task else data_task(data)  # type: ignore[arg-type]
                 examples = t.examples(split)[:limit]
-                m = load_for_inference(path, adapter, quantizer)
                 metrics = evaluate_examples(m, tok, t, examples, max_length=max_length, batch_size=batch_size,
                                             chat=chat_template, progress=True, merged=merged)
                 metrics["examples"] = len(examples)

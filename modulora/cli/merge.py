@@ -1,5 +1,6 @@
-"""`modulora merge`: fold an adapter into its base and write a dense Hugging Face model
-(``AutoModelForCausalLM.from_pretrained`` loads it), optionally quantized again."""
+"""`modulora merge`: fold an adapter into its base. By default a dense Hugging Face model
+(``merge_and_unload``; ``AutoModelForCausalLM.from_pretrained`` loads it); with ``--requantize`` the merged
+weights are quantized again with the base's own quantizer (``modulora.merge_requantized``) and stay packed."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from .common import is_quantized_dir, load_dense, load_tokenizer, say, user_errors, writable_dir
+from .common import say, user_errors, writable_dir
 
 
 def register(app: typer.Typer) -> None:
@@ -17,30 +18,39 @@ def register(app: typer.Typer) -> None:
         model: Annotated[str, typer.Option(help="the base: a quantized base directory or a dense model")],
         adapter: Annotated[str, typer.Option(help="adapter directory (PEFT format)")],
         out: Annotated[Path, typer.Option(help="directory for the merged model")],
-        requantize: Annotated[str | None, typer.Option(help="quantize the merged model with this preset "
-                                                       "and save the packed base instead")] = None,
+        requantize: Annotated[bool, typer.Option("--requantize", help="quantize W + ΔW again with the base's "
+                                                 "quantizer and save the packed model (a quantized base "
+                                                 "only)")] = False,
+        calibration: Annotated[str, typer.Option(help="with --requantize, for quantizers that calibrate: a "
+                                                 "built-in task name or a data file")] = "docsum",
+        calibration_samples: Annotated[int, typer.Option(min=1, help="calibration examples")] = 32,
+        seq_len: Annotated[int, typer.Option(min=8, help="tokens per calibration example")] = 256,
     ) -> None:
-        """Merge ``W + (alpha/r) B A`` into a dense model (base materialized from its packed form)."""
+        """Merge ``W + ΔW`` (LoRA, DoRA) into a dense model, or with --requantize into a packed one."""
         import modulora
+        from modulora.finetune import models
+        from modulora_core.errors import ModuLoRAError
 
-        from .common import load_for_inference
+        from .quantize import calibration_texts
 
         with user_errors():
             out = writable_dir(out)
-            tok = load_tokenizer(model)
-            if is_quantized_dir(model):
-                m = load_for_inference(model, adapter)
-                dense = modulora.dequantize(m, merge=True)
-            else:  # a dense base: stock PEFT merges
-                from peft import PeftModel
-
-                dense = PeftModel.from_pretrained(load_dense(model), adapter).merge_and_unload()
-            dense.config.tie_word_embeddings = getattr(dense.config, "tie_word_embeddings", False)
+            tok = models.load_tokenizer(model)
+            if requantize and not models.is_quantized(model):
+                raise ModuLoRAError(f"--requantize merges into the base's quantizer, but {model} is a dense "
+                                    f"model: merge without --requantize, then `modulora quantize` the result")
+            peft_model = models.load_for_inference(model, adapter)
             if requantize:
-                q = modulora.load(dense, requantize)
-                modulora.save_quantized(q, out, tokenizer=tok)
-                say(f"merged and quantized again with {requantize}: load it with modulora.load({str(out)!r})")
+                preset = models.preset_of(peft_model)
+                cal = None
+                if modulora.get_quantizer(preset).capabilities().needs_calibration:
+                    cal = models.calibration_for(calibration_texts(calibration), tok, calibration_samples, seq_len)
+                merged = modulora.merge_requantized(peft_model, calibration=cal)
+                modulora.save_quantized(merged, out, tokenizer=tok)
+                say(f"merged and quantized again with {preset}: AutoModelForCausalLM.from_pretrained({str(out)!r}) "
+                    f"after `import modulora`, or modulora.load({str(out)!r})")
             else:
+                dense = modulora.dequantize(peft_model, merge=True)  # merge_and_unload, then every base dense
                 dense.save_pretrained(out)
                 tok.save_pretrained(out)
                 say(f"merged dense model saved: AutoModelForCausalLM.from_pretrained({str(out)!r})")

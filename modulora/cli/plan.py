@@ -2,6 +2,7 @@
 
     modulora plan llama-65b --quantizer rtn-2bit --batch-size 1 --seq-len 128 --dtype float16 \\
         --device cuda --budget 24GB
+    modulora plan llama-65b -q quip#-2bit --lora-targets q_proj,v_proj   # the paper's setting
     modulora plan ./my-model/config.json -q nf4 --module down_proj=rtn-4bit --json
 
 Exit status: 0, or 1 when a ``--budget`` is given and the plan does not fit it, 2 on bad input.
@@ -14,17 +15,9 @@ from typing import Annotated
 
 import typer
 
+from .common import split_names, targets_option
+
 _DTYPES = ["float32", "float16", "bfloat16"]
-
-
-def _targets(value: str | None) -> list[str] | str | None:
-    """``"q_proj,v_proj"`` -> a list; ``"all-linear"`` or a regex (has regex characters) stays a string."""
-    if value is None or value.strip() == "":
-        return None
-    v = value.strip()
-    if v == "all-linear" or any(ch in v for ch in "*()[]|^$\\+?"):
-        return v
-    return [s.strip() for s in v.split(",") if s.strip()]
 
 
 def _modules(quantizer: str, modules: list[str] | None) -> str | dict[str, str]:
@@ -53,11 +46,17 @@ def register(app: typer.Typer) -> None:
                                                          "suffix (repeatable); the rest use --quantizer")] = None,
         batch_size: Annotated[int, typer.Option(min=1)] = 1,
         seq_len: Annotated[int, typer.Option(min=1)] = 512,
-        rank: Annotated[int, typer.Option(min=1, help="LoRA rank r")] = 8,
+        targets: Annotated[str | None, typer.Option(help="linears to quantize: comma-separated names, a regex, "
+                                                    "or 'all-linear' \\[default: every decoder-block "
+                                                    "linear]")] = None,
+        skip: Annotated[str | None, typer.Option(help="linears to leave dense (modules_to_not_convert): "
+                                                 "comma-separated names")] = None,
+        lora_targets: Annotated[str | None, typer.Option(help="linears with LoRA adapters: comma-separated "
+                                                         "names, a regex, or 'all-linear' \\[default: every "
+                                                         "quantized linear]")] = None,
+        rank: Annotated[int, typer.Option("--rank", "--r", "-r", min=1, help="LoRA rank r")] = 8,
         dropout: Annotated[float, typer.Option(min=0.0, max=0.99, help="LoRA dropout")] = 0.0,
-        targets: Annotated[str | None, typer.Option(help="LoRA/quantization targets: comma-separated names, "
-                                                    "a regex, or 'all-linear' (default: every decoder "
-                                                    "linear)")] = None,
+        dora: Annotated[bool, typer.Option("--dora", help="DoRA (adds a magnitude per output)")] = False,
         dtype: Annotated[str, typer.Option(help=f"compute dtype: {', '.join(_DTYPES)}")] = "float32",
         weight_dtype: Annotated[str | None, typer.Option(help="dtype of the unquantized parts (default: "
                                                          "--dtype)")] = None,
@@ -71,17 +70,24 @@ def register(app: typer.Typer) -> None:
         as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
     ) -> None:
         """Predict the peak memory of one LoRA training step, component by component."""
+        from peft import LoraConfig
         from pydantic import ValidationError
 
         import modulora
         from modulora.planning import parse_size
         from modulora.planning import plan as make_plan
+        from modulora.planning.shapes import quantized_names
 
         try:
             if dtype not in _DTYPES or (weight_dtype is not None and weight_dtype not in _DTYPES + ["float64"]):
                 raise typer.BadParameter(f"dtype must be one of {_DTYPES}", param_hint="--dtype")
-            lora = modulora.LoraConfig(r=rank, dropout=dropout, target_modules=_targets(targets))
-            p = make_plan(model, _modules(quantizer, module), batch_size=batch_size, seq_len=seq_len, lora=lora,
+            quantized, skipped = targets_option(targets), split_names(skip)
+            # no --lora-targets: every quantized linear, by name (a LoraConfig without target_modules would
+            # mean PEFT's default for the model type)
+            lora_on = targets_option(lora_targets) or quantized_names(model, quantized, skipped)
+            lora = LoraConfig(r=rank, lora_dropout=dropout, use_dora=dora, target_modules=lora_on)
+            p = make_plan(model, _modules(quantizer, module), targets=quantized, modules_to_not_convert=skipped,
+                          batch_size=batch_size, seq_len=seq_len, lora=lora,
                           dtype=dtype, weight_dtype=weight_dtype, optimizer=optimizer,
                           gradient_checkpointing=gradient_checkpointing, chunk_rows=chunk_rows, budget=budget,
                           device=device, runtime_bytes=parse_size(runtime) if runtime else None)

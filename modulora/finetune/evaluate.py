@@ -88,14 +88,21 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], *, max_new_tokens: 
 
 def merged_copy(model: Any) -> Any:
     """For fast generation: a dense model with the same weights (each packed base materialized once, the
-    LoRA update added), or ``model`` itself when it has no ModuLoRA layers. Costs the dense model's memory;
-    a decode step then multiplies instead of re-materializing every layer for every token."""
-    from modulora_core.adapters import dequantize
-    from modulora_core.model import iter_modulora_layers
+    active adapters merged in, or left out while they are disabled), or ``model`` itself when it has no
+    quantized layers. Costs the dense model's memory; a decode step then multiplies instead of
+    re-materializing every layer for every token."""
+    import modulora
 
-    if next(iter_modulora_layers(model), None) is None:
+    if next(modulora.iter_quantized_layers(model), None) is None:
         return model
-    return dequantize(model, merge=True).eval()
+    return modulora.dequantize(model, merge=not adapters_disabled(model)).eval()
+
+
+def adapters_disabled(model: Any) -> bool:
+    """True inside ``PeftModel.disable_adapter()`` (the model then computes as its base)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(m.disable_adapters for m in model.modules() if isinstance(m, BaseTunerLayer))
 
 
 def evaluate_examples(model: Any, tokenizer: Any, task: Task, examples: list[Example], *, max_length: int,

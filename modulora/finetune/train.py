@@ -1,9 +1,11 @@
-"""Training ModuLoRA adapters with the Hugging Face ``Trainer`` as it ships.
+"""Training PEFT adapters on a ModuLoRA base with the Hugging Face ``Trainer`` as it ships.
 
-:class:`ModuLoRATrainer` changes only where files go: a checkpoint holds the LoRA adapter in PEFT's format
-plus the optimizer, scheduler, RNG and trainer state (never the packed base, which is saved once), and it
-appears under its final name only when complete. :class:`GracefulStop` turns Ctrl-C (or SIGTERM) into "save a
-checkpoint at the end of this step and stop", so an interrupted run always resumes. Several processes
+The Trainer already saves a ``PeftModel``'s checkpoints as adapters only (PEFT's format; never the packed
+base, which is saved once). :class:`ModuLoRATrainer` changes only how: the adapter goes through
+``modulora.save_adapter`` (PEFT's files plus the record of the base it fits, checked again on resume) and a
+checkpoint, with its optimizer, scheduler, RNG and trainer state, appears under its final name only when
+complete. :class:`GracefulStop` turns Ctrl-C (or SIGTERM) into "save a checkpoint at the end of this step
+and stop", so an interrupted run always resumes. Several processes
 (``torchrun``, ``accelerate launch``) train with DDP (gloo on CPU); the frozen base is never broadcast.
 """
 
@@ -17,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from modulora_core.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, save_adapter
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
+from modulora.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, save_adapter
 from modulora_core.errors import CheckpointError
 
 from .train_config import TrainConfig
@@ -43,9 +45,11 @@ def training_arguments(cfg: TrainConfig, output_dir: str | os.PathLike, *, progr
         lr_scheduler_type=cfg.scheduler, warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm, activation_checkpointing=cfg.gradient_checkpointing,
         seed=cfg.seed, data_seed=cfg.seed, logging_steps=cfg.logging_steps, logging_first_step=True,
-        save_strategy="steps" if checkpoints else "no", save_steps=cfg.save_steps or 10**9, save_total_limit=cfg.save_total_limit,
+        save_strategy="steps" if checkpoints else "no", save_steps=cfg.save_steps or 10**9,
+        save_total_limit=cfg.save_total_limit,
         eval_strategy="steps" if (cfg.eval_steps and has_eval) else "no", eval_steps=cfg.eval_steps or None,
-        report_to="none", remove_unused_columns=False, use_cpu=cpu, ddp_backend="gloo" if cpu and several else None,
+        report_to="none", remove_unused_columns=False, use_cpu=cpu,
+        ddp_backend="gloo" if cpu and several else None,
         ddp_find_unused_parameters=False, ddp_broadcast_buffers=False, dataloader_num_workers=0,
         disable_tqdm=not progress, bf16=False, fp16=False,
     )
@@ -53,7 +57,8 @@ def training_arguments(cfg: TrainConfig, output_dir: str | os.PathLike, *, progr
 
 def exclude_frozen_from_ddp(model: torch.nn.Module) -> list[str]:
     """Tell DDP to skip every buffer (the packed weights) and frozen parameter: nothing is broadcast at
-    wrap time or before each forward; every process loaded the same base. Only LoRA A/B are reduced."""
+    wrap time or before each forward; every process loaded the same base. Only the trainable adapter
+    parameters (LoRA A/B, DoRA magnitudes) are reduced."""
     names = [n for n, p in model.named_parameters() if not p.requires_grad]
     names += [n for n, _ in model.named_buffers()]
     torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
@@ -65,18 +70,21 @@ def _unwrap(trainer: Trainer, model: torch.nn.Module | None) -> torch.nn.Module:
 
 
 class ModuLoRATrainer(Trainer):
-    """The stock ``Trainer``; only saving and loading model weights differ (adapter-only, atomic)."""
+    """The stock ``Trainer`` on a ``PeftModel``; only saving and loading the adapter differ (recorded with
+    its base and checked against it, atomic)."""
 
     _staging: Path | None = None
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        # Trainer would call save_pretrained: packed base + LoRA in a model.safetensors. The base is saved
-        # once by the caller (modulora.save_quantized); checkpoints need only the adapter.
+        # The Trainer would call PeftModel.save_pretrained; save_adapter does that and adds the record of
+        # the base (modulora_config.json). The base itself is saved once, by modulora.save_quantized.
         if self.args.should_save:
             save_adapter(_unwrap(self, None), output_dir or self.args.output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
-        load_adapter(_unwrap(self, model), resume_from_checkpoint)
+        peft_model = _unwrap(self, model)
+        load_adapter(peft_model, resume_from_checkpoint, adapter_name=peft_model.active_adapter,
+                     is_trainable=True)
 
     def _get_output_dir(self, trial: Any) -> str:
         return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)

@@ -1,8 +1,50 @@
-"""TrainConfig: the training hyper-parameters of ``modulora finetune`` (light: no transformers import)."""
+"""The options of ``modulora finetune`` (light: no transformers import): :class:`FinetuneConfig` says what to
+finetune (model, quantization, adapters, task, evaluation), :class:`TrainConfig` how to train it. Their field
+descriptions are the command's help texts."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import BaseModel, ConfigDict, Field
+
+
+class FinetuneConfig(BaseModel):
+    """What the finetune job runs. Quantization targets and LoRA targets are chosen apart."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="Hugging Face model directory or id, or a quantized checkpoint "
+                              "(`modulora quantize`, save_pretrained, GPTQ) [default: SmolLM2-135M-Instruct]")
+    quantizer: str | None = Field(None, description="quantizer preset (see `modulora plugins`) [default: "
+                                  "quip#-2bit when it can run, else nf4]")
+    targets: list[str] | str | None = Field(None, description="linears to quantize: comma-separated names "
+                                            "(q_proj,v_proj), a regex, or all-linear [default: every linear of "
+                                            "the decoder blocks]")
+    skip: list[str] = Field(default_factory=list, description="linears to leave dense (modules_to_not_convert): "
+                            "comma-separated names, e.g. down_proj")
+    chunk_rows: int | None = Field(None, ge=1, description="materialize W in tiles of N rows")
+    calibration_samples: int = Field(32, ge=1, description="training examples used to calibrate quantizers "
+                                     "that need it (quip#, optq)")
+    lora_targets: list[str] | str | None = Field(None, description="linears that get LoRA adapters: "
+                                                 "comma-separated names, a regex, or all-linear [default: every "
+                                                 "quantized linear]")
+    rank: int = Field(8, ge=1, description="LoRA rank r")
+    alpha: float = Field(16.0, description="LoRA alpha (the update is scaled by alpha/r)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
+    dora: bool = Field(False, description="DoRA: learn a magnitude per output feature besides the LoRA update")
+    rslora: bool = Field(False, description="rsLoRA: scale the update by alpha/sqrt(r) instead of alpha/r")
+    task: str = Field("docsum", description="built-in task: docsum (ROUGE) or docmodule (accuracy)")
+    data: Path | None = Field(None, description="your own data (.jsonl/.json/.csv/.txt or a saved datasets "
+                              "directory); replaces --task")
+    out: Path = Field(Path("modulora-out"), description="output directory")
+    eval_size: int = Field(32, ge=0, description="validation examples scored before and after (0: no "
+                           "evaluation)")
+    eval_dense: bool = Field(False, description="also score the unquantized model")
+    eval_merged: bool = Field(True, description="generate answers for scoring with a merged dense copy (same "
+                              "weights, several times faster; off for models too big to hold dense)")
+    chat_template: bool | None = Field(None, description="render prompts with the tokenizer's chat template "
+                                       "[default: when it has one]")
 
 
 class TrainConfig(BaseModel):

@@ -48,9 +48,10 @@ class StepShape:
 
 
 def targeted_leaves(shapes: ModelShapes) -> list[set[str]]:
-    """Per decoder layer, the leaf names (``q_proj`` ...) that carry a LoRA branch."""
+    """Per decoder layer, the leaf names (``q_proj`` ...) that carry a LoRA branch (quantized or not: the
+    frozen base saves nothing for backward either way)."""
     layers: list[set[str]] = [set() for _ in range(shapes.num_layers)]
-    for t in shapes.targets:
+    for t in shapes.lora_targets:
         parts = t.name.split(".")
         idx = next((int(p) for p in parts if p.isdigit()), None)
         if idx is not None and idx < shapes.num_layers:

@@ -1,10 +1,13 @@
 """The memory planner: the peak memory of one LoRA training step, before any weight is loaded.
 
 ``plan("llama-65b", "rtn-2bit", batch_size=1, seq_len=128, dtype="float16", device="cuda")`` returns a
-:class:`MemoryPlan`: a table of components and their total, and whether it fits a budget. Packed sizes are
-exact (each plugin's ``packed_nbytes``); the model's linears come from building it on the meta device; the
-activations follow :mod:`modulora.planning.activations`; what a plugin's materialize allocates is measured
-on a small real weight with :class:`~modulora.planning.memtrace.PeakTracker`.
+:class:`MemoryPlan`: a table of components and their total, and whether it fits a budget. What is quantized
+(``targets``, ``modules_to_not_convert``, as in ``modulora.load``) and where LoRA goes (``lora``, PEFT's
+``LoraConfig``) are chosen apart: the paper's setting is every linear quantized and LoRA on q_proj and
+v_proj only. Packed sizes are exact (each plugin's ``packed_nbytes``) for the quantized linears; LoRA
+parameters and activations are counted for the adapted ones; the model's linears come from building it on
+the meta device; the activations follow :mod:`modulora.planning.activations`; what a plugin's materialize
+allocates is measured on a small real weight with :class:`~modulora.planning.memtrace.PeakTracker`.
 
 The step's peak is ``base weights + unquantized parts + LoRA state + saved activations + max(loss
 gradients at the start of backward, one layer's backward) + runtime allowance``; only the larger of the
@@ -127,7 +130,8 @@ class MemoryPlan:
 
         s = self.settings
         title = (f"{self.model} · {self.quantizer} · batch {s['batch_size']} × seq {s['seq_len']} · "
-                 f"r={s['lora_r']} · {s['dtype']} · {s['optimizer']}"
+                 f"{'DoRA' if s['use_dora'] else 'LoRA'} r={s['lora_r']} on {', '.join(s['lora_modules'])} · "
+                 f"{s['dtype']} · {s['optimizer']}"
                  + (" · gradient checkpointing" if s["gradient_checkpointing"] else "")
                  + (f" · chunk_rows={s['chunk_rows']}" if s["chunk_rows"] else ""))
         t = Table(title=title, title_justify="left")
@@ -175,8 +179,8 @@ def _per_module(shapes: ModelShapes, quantizer: QuantizerSpec) -> dict[str, Boun
         return {t.name: bq for t in shapes.targets}
     resolved = {k: _resolve(v) for k, v in quantizer.items()}
     if None in resolved.values() and any(v is not None for v in resolved.values()):
-        raise ModuLoRAError("'dense' cannot be mixed with quantizers in one model: ModuLoRA quantizes every "
-                            "LoRA target; leave a module out of target_modules to keep it dense")
+        raise ModuLoRAError("'dense' cannot be mixed with quantizers in one mapping; to keep a module dense, "
+                            "leave it out of targets or name it in modules_to_not_convert")
     out: dict[str, BoundQuantizer | None] = {}
     for t in shapes.targets:
         key = next((k for k in resolved if k != "*" and matches_target(t.name, [k])), "*")
@@ -243,6 +247,28 @@ def _random_packed(bq: BoundQuantizer, rows: int, in_f: int) -> PackedWeight:
     return bq.quantize(w, torch.eye(in_f) if bq.capabilities().needs_calibration else None)
 
 
+def _lora_targets(lora: LoraConfig | None, config: Any) -> list[str] | str | None:
+    """Where PEFT puts adapters for ``lora`` (None: on the quantized linears, ModuLoRA's default):
+    ``target_modules``, or PEFT's default for the model type when that is None."""
+    if lora is None:
+        return None
+    t = lora.target_modules
+    if t is None:
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
+
+        model_type = getattr(config, "model_type", None)
+        t = PEFT_DEFAULTS.get(model_type)
+        if t is None:
+            raise ModuLoRAError(f"the LoraConfig names no target_modules and PEFT has no default for model type "
+                                f"{model_type!r}; name them, e.g. target_modules=['q_proj', 'v_proj'] or "
+                                f"'all-linear'")
+    return sorted(t) if isinstance(t, (set, list, tuple)) else t
+
+
+def _leaves(linears: list[Any]) -> list[str]:
+    return sorted({t.leaf for t in linears})
+
+
 def _dtype(x: str | torch.dtype, what: str) -> torch.dtype:
     if isinstance(x, torch.dtype):
         return x
@@ -288,21 +314,24 @@ def _base_weights(shapes: ModelShapes, per_module: dict[str, BoundQuantizer | No
     return (base, worst, where) if worst >= widest else (base, widest, "input gradient of a dense linear")
 
 
-def plan(model: Any, quantizer: QuantizerSpec = "rtn-4bit", *, batch_size: int = 1, seq_len: int = 512,
-         lora: LoraConfig | None = None, dtype: str | torch.dtype = "float32",
-         weight_dtype: str | torch.dtype | None = None, optimizer: str = "adamw",
-         gradient_checkpointing: bool = False, chunk_rows: int | None = None,
-         budget: str | int | None = None, device: str = "cpu",
-         runtime_bytes: int | None = None) -> MemoryPlan:
+def plan(model: Any, quantizer: QuantizerSpec = "rtn-4bit", *, targets: list[str] | str | None = None,
+         modules_to_not_convert: list[str] | None = None, lora: LoraConfig | None = None, batch_size: int = 1,
+         seq_len: int = 512, dtype: str | torch.dtype = "float32", weight_dtype: str | torch.dtype | None = None,
+         optimizer: str = "adamw", gradient_checkpointing: bool = False, chunk_rows: int | None = None,
+         budget: str | int | None = None, device: str = "cpu", runtime_bytes: int | None = None) -> MemoryPlan:
     """Predict the peak memory of one LoRA training step of ``model`` quantized with ``quantizer``.
 
     ``model``: a built-in shape (``llama-7b`` ... ``llama-65b``, ``llama-2-70b``, ``smollm2-135m``), a
     config.json / model directory, or a config object. ``quantizer``: a preset, a config, ``"dense"``
     (plain LoRA on the dense model), ``"qlora"`` (PEFT LoRA on bitsandbytes NF4, for comparison), or
-    ``{module name or suffix: preset, "*": preset}``. ``dtype``: the compute dtype (the model's);
-    ``weight_dtype``: that of the unquantized parts (default: ``dtype``).
-    ``device`` picks the runtime allowance (``"cpu"`` calibrated, ``"cuda"`` assumed), unless
-    ``runtime_bytes`` is given. ``budget``: e.g. ``"24GB"``.
+    ``{module name or suffix: preset, "*": preset}``. ``targets`` / ``modules_to_not_convert``: which
+    linears are quantized, as in ``modulora.load`` (default: every linear of the decoder blocks).
+    ``lora``: PEFT's ``LoraConfig`` (``r``, ``lora_dropout``, ``use_dora``, ``target_modules``: the adapted
+    linears, quantized or not; its None means PEFT's default for the model type, as in ``get_peft_model``);
+    ``lora=None``: ModuLoRA's default, r=8 on every quantized linear. ``dtype``: the compute dtype (the
+    model's); ``weight_dtype``: that of the unquantized parts (default: ``dtype``). ``device`` picks the
+    runtime allowance (``"cpu"`` calibrated, ``"cuda"`` assumed), unless ``runtime_bytes`` is given.
+    ``budget``: e.g. ``"24GB"``.
     """
     for name, v in (("batch_size", batch_size), ("seq_len", seq_len)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -317,13 +346,15 @@ def plan(model: Any, quantizer: QuantizerSpec = "rtn-4bit", *, batch_size: int =
                             f"runtime allowance (runtime_bytes=, --runtime)")
     cdt = _dtype(dtype, "dtype")
     wdt = _dtype(weight_dtype, "weight_dtype") if weight_dtype is not None else cdt
-    lora = lora or LoraConfig()
     budget_bytes = parse_size(budget) if budget is not None else None
     qlora = isinstance(quantizer, str) and quantizer.strip().lower() == QLORA
     if qlora:
         quantizer = QLORA_PRESET
 
-    shapes = model_shapes(model_config(model), lora.target_modules)
+    config = model_config(model)
+    shapes = model_shapes(config, targets, skip=modules_to_not_convert or (),
+                          lora_targets=_lora_targets(lora, config))
+    lora = lora or LoraConfig(r=8, lora_alpha=16)
     per_module = _per_module(shapes, quantizer)
     cb, wb, lb = (_nbytes(d) for d in (cdt, wdt, torch.float32))
     dense = all(bq is None for bq in per_module.values())
@@ -334,7 +365,8 @@ def plan(model: Any, quantizer: QuantizerSpec = "rtn-4bit", *, batch_size: int =
     names = sorted({bq.name for bq in per_module.values() if bq is not None})
     qname = DENSE if dense else f"{QLORA} (PEFT + bitsandbytes {QLORA_PRESET})" if qlora else ", ".join(names)
     unq = sum(shapes.dense_params.values()) * wb + shapes.buffer_bytes
-    n_lora = lora.r * sum(t.out_features + t.in_features for t in shapes.targets)
+    n_lora = sum(lora.r * (t.out_features + t.in_features) + (t.out_features if lora.use_dora else 0)
+                 for t in shapes.lora_targets)  # A, B (and DoRA's magnitude per output)
     n_states = OPTIMIZER_STATES[opt]
     step = StepShape(tokens=tokens, compute_bytes=cb, lora_bytes=lb, r=lora.r,
                      dropout=lora.lora_dropout, checkpointing=gradient_checkpointing,
@@ -356,7 +388,8 @@ def plan(model: Any, quantizer: QuantizerSpec = "rtn-4bit", *, batch_size: int =
         # the gradients are counted whole: conservative, since at the step's peak (early in backward) only
         # the last layer's exist; they are all there only at the optimizer step, activations gone
         Component("lora", "LoRA params + grads + optimizer states", n_lora * lb * (2 + n_states),
-                  f"{n_lora / 1e6:.2f}M float32 params, r={lora.r}, {opt}: {n_states} states each"),
+                  f"{n_lora / 1e6:.2f}M float32 params on {len(shapes.lora_targets)} linears, r={lora.r}"
+                  + (", DoRA" if lora.use_dora else "") + f", {opt}: {n_states} states each"),
         Component("activations", "activations saved for backward", layers_saved,
                   f"{shapes.num_layers} layers, {format_size(act.per_layer)} per layer"
                   + (" (checkpointing: layer inputs only)" if gradient_checkpointing else "")),
@@ -371,10 +404,21 @@ def plan(model: Any, quantizer: QuantizerSpec = "rtn-4bit", *, batch_size: int =
                                    runtime_bytes is None else "assumed" if runtime_bytes is None else "given")),
     ]
     settings = {"batch_size": batch_size, "seq_len": seq_len, "lora_r": lora.r, "lora_dropout": lora.lora_dropout,
-                "target_modules": lora.target_modules, "dtype": dtype_name(cdt), "weight_dtype": dtype_name(wdt),
-                "optimizer": opt, "gradient_checkpointing": gradient_checkpointing, "chunk_rows": chunk_rows,
-                "device": device, "n_params": shapes.n_params}
+                "use_dora": bool(lora.use_dora), "targets": targets,
+                "modules_to_not_convert": list(modules_to_not_convert or []),
+                "quantized_modules": _leaves(shapes.targets), "lora_modules": _leaves(shapes.lora_targets),
+                "n_quantized": len(shapes.targets), "n_lora": len(shapes.lora_targets),
+                "dtype": dtype_name(cdt), "weight_dtype": dtype_name(wdt), "optimizer": opt,
+                "gradient_checkpointing": gradient_checkpointing, "chunk_rows": chunk_rows, "device": device,
+                "n_params": shapes.n_params}
     notes = []
     if shapes.model_type not in ("llama", "mistral", "qwen2", "qwen3"):
         notes.append(f"activations follow a Llama block; {shapes.model_type!r} may differ")
+    if lora.use_dora:
+        notes.append("DoRA: its magnitude vectors are counted, not the activations it saves besides LoRA's "
+                     "(the base and LoRA outputs of each adapted linear) nor the weight it materializes in "
+                     "forward for the column norms")
+    if getattr(lora, "exclude_modules", None) or getattr(lora, "layers_to_transform", None):
+        notes.append("LoraConfig's exclude_modules / layers_to_transform are not applied: every linear "
+                     "target_modules matches is counted")
     return MemoryPlan(shapes.name, qname, settings, comps, budget_bytes, notes)

@@ -1,13 +1,15 @@
 """Model shapes for the memory planner: built-in Llama configurations, or any HF config, built on meta.
 
 The model is built on the meta device (no weight is allocated) and the planner reads from it exactly what
-``modulora.load`` would quantize (``select_targets``, the same function) and everything else it would keep
-dense (embeddings, norms, lm_head, untargeted linears), counting tied tensors once.
+``modulora.load`` would quantize (``select_targets``, the same function), everything else it would keep
+dense (embeddings, norms, lm_head, untargeted linears), counting tied tensors once, and, apart, the linears
+that carry LoRA adapters (by default the quantized ones; any linear can, quantized or not).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +20,8 @@ from modulora_core.errors import ModuLoRAError
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
+
+Targets = list[str] | str | None  # PEFT's meaning: names or suffixes, a regex, "all-linear"
 
 # LlamaConfig kwargs. LLaMA-1 from Touvron et al. 2023 (Table 2) and the converted HF checkpoints; "30b" is
 # the 32.5B model the paper calls 30B. Llama-2-70B uses grouped-query attention (8 KV heads).
@@ -49,7 +53,7 @@ LINEAR_INPUTS = {"q_proj": "norm1", "k_proj": "norm1", "v_proj": "norm1", "o_pro
 
 @dataclass(frozen=True)
 class LinearShape:
-    """One linear layer ``modulora.load`` would quantize: ``[out, in]`` weight, optional bias."""
+    """One linear layer (quantized, or adapted, or both): ``[out, in]`` weight, optional bias."""
 
     name: str
     out_features: int
@@ -74,9 +78,10 @@ class ModelShapes:
     num_kv_heads: int
     head_dim: int
     vocab_size: int
-    targets: list[LinearShape]
+    targets: list[LinearShape]  # the quantized linears
     dense_params: dict[str, int] = field(default_factory=dict)  # name -> numel, kept unquantized, tied once
     buffer_bytes: int = 0  # real buffers (RoPE frequencies): not scaled by the weight dtype
+    lora_targets: list[LinearShape] = field(default_factory=list)  # the linears with a LoRA adapter
 
     @property
     def n_params(self) -> int:
@@ -124,9 +129,37 @@ def _get(cfg: PretrainedConfig, *names: str) -> Any:
     return None
 
 
-def model_shapes(config: PretrainedConfig, target_modules: list[str] | str | None) -> ModelShapes:
-    """Enumerate the model's linears exactly on the meta device; ``target_modules`` as in ``LoraConfig``."""
-    from modulora_core.surgery import build_empty, select_targets
+def _meta_model(config: PretrainedConfig) -> nn.Module:
+    """The model of ``config`` on the meta device, tied as ``from_pretrained`` ties it; the last few are
+    kept (a 65B build takes a second, and a plan may read the same model twice)."""
+    key = (type(config).__name__, config.to_json_string(use_diff=False))
+    if key not in _META_MODELS:
+        from modulora_core.surgery import build_empty
+
+        try:
+            model = build_empty(config)
+        except Exception as e:  # noqa: BLE001 - any construction failure is the config's, say which
+            raise ModuLoRAError(f"cannot build a {getattr(config, 'model_type', '?')} model from this config on "
+                                f"the meta device: {type(e).__name__}: {e}") from e
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        if getattr(text, "tie_word_embeddings", False):
+            model.tie_weights()  # build_empty leaves tying to from_pretrained
+        while len(_META_MODELS) >= 4:
+            _META_MODELS.pop(next(iter(_META_MODELS)))
+        _META_MODELS[key] = model
+    return _META_MODELS[key]
+
+
+_META_MODELS: dict[tuple[str, str], nn.Module] = {}
+
+
+def model_shapes(config: PretrainedConfig, targets: Targets = None, *, skip: Iterable[str] = (),
+                 lora_targets: Targets = None) -> ModelShapes:
+    """Enumerate the model's linears exactly on the meta device. ``targets`` / ``skip``: what is quantized,
+    as in ``modulora.load`` (None: every linear of the decoder blocks); ``lora_targets``: where LoRA goes,
+    as PEFT's ``target_modules`` (names or suffixes, a regex, ``"all-linear"``; None: exactly the quantized
+    linears)."""
+    from modulora_core.surgery import select_targets
 
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     dims = {k: _get(text, *names) for k, names in {
@@ -139,18 +172,14 @@ def model_shapes(config: PretrainedConfig, target_modules: list[str] | str | Non
                             f"layers, heads and vocabulary")
     kv = _get(text, "num_key_value_heads") or dims["heads"]
     head_dim = _get(text, "head_dim") or dims["hidden"] // dims["heads"]
-    try:
-        model = build_empty(config)
-    except Exception as e:  # noqa: BLE001 - any construction failure is the config's, say which
-        raise ModuLoRAError(f"cannot build a {getattr(config, 'model_type', '?')} model from this config on the "
-                            f"meta device: {type(e).__name__}: {e}") from e
-    if getattr(text, "tie_word_embeddings", False):
-        model.tie_weights()  # build_empty leaves tying to from_pretrained
-    names = select_targets(model, target_modules)
-    targets = []
-    for n in names:
+    model = _meta_model(config)
+    names = select_targets(model, targets, skip)
+    lora_names = names if lora_targets is None else select_targets(model, lora_targets)
+
+    def shape(n: str) -> LinearShape:
         m: nn.Linear = model.get_submodule(n)
-        targets.append(LinearShape(n, m.out_features, m.in_features, m.bias is not None))
+        return LinearShape(n, m.out_features, m.in_features, m.bias is not None)
+
     packed_weights = {f"{n}.weight" for n in names}
     dense: dict[str, int] = {}
     seen: set[int] = set()
@@ -165,5 +194,13 @@ def model_shapes(config: PretrainedConfig, target_modules: list[str] | str | Non
         name=str(getattr(config, "name_or_path", "") or getattr(config, "model_type", "model")),
         model_type=str(getattr(config, "model_type", "")), hidden_size=int(dims["hidden"]),
         intermediate_size=int(dims["inter"]), num_layers=int(dims["layers"]), num_heads=int(dims["heads"]),
-        num_kv_heads=int(kv), head_dim=int(head_dim), vocab_size=int(dims["vocab"]), targets=targets,
-        dense_params=dense, buffer_bytes=int(buffers))
+        num_kv_heads=int(kv), head_dim=int(head_dim), vocab_size=int(dims["vocab"]),
+        targets=[shape(n) for n in names], dense_params=dense, buffer_bytes=int(buffers),
+        lora_targets=[shape(n) for n in lora_names])
+
+
+def quantized_names(model: str | os.PathLike | PretrainedConfig, targets: Targets = None,
+                    skip: Iterable[str] = ()) -> list[str]:
+    """The full names of the linears ``modulora.load`` would quantize (as ``target_modules`` they put LoRA
+    on exactly those)."""
+    return [t.name for t in model_shapes(model_config(model), targets, skip=skip).targets]
