@@ -109,7 +109,7 @@ def build(kind: str, dim: int, preset: str, r: int) -> nn.Module:
         chunk = None if kind == "chunk=none" else int(kind.split("=")[1])
     else:
         preset, path = kind.rsplit(":", 1)
-    bq = modulora.get_quantizer(preset)
+    bq = modulora.get_preset(preset)
     # quantizers that calibrate get an identity Hessian: enough for timing, not for quality
     packed = bq.quantize(w, torch.eye(dim) if bq.capabilities().needs_calibration else None)
     base = QuantizedLinear(packed, bq.quantizer, chunk_rows=chunk, preset=bq.name)
@@ -129,14 +129,14 @@ def kinds_of(preset: str, presets: list[str]) -> list[str]:
     """Every configuration to run: dense, ``preset`` whole and tiled, each other preset on each path (the
     0.1 twins, ``v01/<kind>``, are added by the caller)."""
     kinds = ["dense", "chunk=none", "chunk=1024", "chunk=256"]
-    have = set(modulora.available_quantizers())
+    have = set(modulora.available_presets())
     for p in presets:
         if p not in have:
             print(f"skipping {p}: not installed")
             continue
         if p == preset:
             continue
-        fast = modulora.get_quantizer(p).capabilities().fast_path
+        fast = modulora.get_preset(p).capabilities().fast_path
         kinds += [f"{p}:fast", f"{p}:generic"] if fast else [f"{p}:generic"]
     return kinds
 

@@ -80,7 +80,7 @@ def random_quantized_llama(config: Any, quantizer: str, chunk_rows: int | None, 
 
     gen = torch.Generator().manual_seed(seed)
     model = build_empty(config)
-    bq = modulora.get_quantizer(quantizer)
+    bq = modulora.get_preset(quantizer)
     for name in select_targets(model, None):  # None: every linear of the decoder blocks
         lin = model.get_submodule(name)
         w = torch.randn(lin.out_features, lin.in_features, generator=gen) * config.initializer_range
@@ -344,7 +344,7 @@ def paper_table() -> tuple[str, list[dict]]:
     import modulora
     from modulora.planning.planner import plan
 
-    have = set(modulora.available_quantizers())
+    have = set(modulora.available_presets())
     cols = [(q, "float16") for q in ("quip#-2bit", "optq-2bit", "rtn-2bit") if q in have]
     # QLoRA (PEFT on bitsandbytes NF4); ModuLoRA's nf4 preset stores the same bytes and gets the same figure
     cols += [("qlora", "float16"), ("dense", "float16"), ("dense", "float32")]

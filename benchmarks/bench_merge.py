@@ -123,7 +123,7 @@ def run_preset(preset: str, path: Any, val: list, one: dict, train_batches: list
     import modulora
     from modulora_core.calibration_data import Calibration
 
-    bq = modulora.get_quantizer(preset)
+    bq = modulora.get_preset(preset)
     calibration = Calibration(cal, progress=False) if bq.capabilities().needs_calibration else None
     row: dict[str, Any] = {"preset": preset}
     dense = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)

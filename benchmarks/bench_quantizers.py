@@ -84,7 +84,7 @@ def main() -> None:
     err_num: dict[str, float] = {}
     bits: dict[str, float] = {}
     qtime: dict[str, float] = {}
-    installed = set(modulora.available_quantizers())
+    installed = set(modulora.available_presets())
     norm2 = sum(float(w.double().pow(2).sum()) for _, w in layers)
     # materialize throughput is measured on one representative 1536x576 MLP layer (up_proj of block 0)
     probe = next(w for n, w in layers if n.endswith("mlp.up_proj"))
@@ -93,7 +93,7 @@ def main() -> None:
         if p not in installed:
             print(f"skip {p}: not installed")
             continue
-        bq = modulora.get_quantizer(p)
+        bq = modulora.get_preset(p)
         num, nbytes, t_q = 0.0, 0, 0.0
         for _, w in layers:
             t0 = time.perf_counter()

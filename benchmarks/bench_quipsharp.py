@@ -77,7 +77,7 @@ def quantized_ppl(path, preset: str, calib: torch.Tensor, test: torch.Tensor) ->
     SmolLM2 quantized with ``preset``."""
     from modulora_core.calibration_data import Calibration
 
-    bq = modulora.get_quantizer(preset)
+    bq = modulora.get_preset(preset)
     needs = bq.capabilities().needs_calibration
     model = load_dense(path)
     q, inside = bq.quantizer, [0.0]
@@ -151,7 +151,7 @@ def layer_step_ms(shape: tuple[int, int], tokens: int, reps: int, preset_config)
     from benchmarks.bench_layer import peft_lora
     from modulora_core import QuantizedLinear
 
-    bq = modulora.get_quantizer(preset_config)
+    bq = modulora.get_preset(preset_config)
     torch.manual_seed(0)
     w = torch.randn(shape) * shape[1] ** -0.5
     packed = bq.quantize(w)  # plain rounding (ldlq=False): the codes' values do not change the timing
@@ -198,7 +198,7 @@ def main() -> None:
     n_cal = a.n_cal or n_cal
     calib = windows(tok, docstring_text("train"), n_cal, seq)
     test = windows(tok, docstring_text("test"), n_test, seq)
-    installed = set(modulora.available_quantizers())
+    installed = set(modulora.available_presets())
     rows, missing = [], []
     t0 = time.perf_counter()
     base = perplexity(load_dense(path), test)

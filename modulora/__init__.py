@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from modulora_core import (
     AdapterError,
-    BoundQuantizer,
     CalibrationError,
     Capabilities,
     CheckpointError,
@@ -18,14 +17,15 @@ from modulora_core import (
     ModuLoRAError,
     PackedWeight,
     PluginError,
+    Preset,
     QuantizedLinear,
     Quantizer,
     QuantizerConfig,
     QuantizerConfigError,
     TargetModulesError,
     UnknownQuantizerError,
-    available_quantizers,
-    get_quantizer,
+    available_presets,
+    get_preset,
     hookimpl,
     iter_quantized_layers,
     list_plugins,
@@ -39,10 +39,10 @@ from .planning import MemoryPlan, plan
 
 __version__ = "0.2.0"
 __all__ = [
-    "AdapterError", "BoundQuantizer", "CalibrationError", "Capabilities", "CheckpointError",
+    "AdapterError", "Preset", "CalibrationError", "Capabilities", "CheckpointError",
     "InvalidWeightError", "MemoryPlan", "ModuLoRAConfig", "ModuLoRAError", "PackedWeight", "PluginError",
     "QuantizedLinear", "Quantizer", "QuantizerConfig", "QuantizerConfigError", "TargetModulesError",
-    "UnknownQuantizerError", "available_quantizers", "default_lora", "dequantize", "get_quantizer", "hookimpl",
+    "UnknownQuantizerError", "available_presets", "default_lora", "dequantize", "get_preset", "hookimpl",
     "iter_quantized_layers", "list_plugins", "load", "load_adapter", "lora_parameters", "merge_requantized",
     "plan", "save_adapter", "save_quantized",
 ]

@@ -49,7 +49,7 @@ def quantizer_record(model: nn.Module) -> dict[str, Any]:
     if not layers:
         raise AdapterError("model has no quantized layers; create it with modulora.load(model, preset)")
     m = layers[0].quant_metadata()
-    return {"quantizer": layers[0].preset, "family": m["quantizer"], "config": m["config"],
+    return {"quantizer": layers[0].preset, "family": m["family"], "config": m["config"],
             "plugin_version": m["plugin_version"], "format_version": m["format_version"]}
 
 

@@ -13,14 +13,14 @@ import torch
 from torch import nn
 
 from modulora_core import (
-    BoundQuantizer,
     CheckpointError,
     ModuLoRAConfig,
+    Preset,
     QuantizeOptions,
     QuantizerConfig,
     UnknownQuantizerError,
-    available_quantizers,
-    get_quantizer,
+    available_presets,
+    get_preset,
     iter_quantized_layers,
     mark_quantized,
     quantize_model,
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from peft import LoraConfig, PeftModel
     from transformers import PreTrainedModel
 
-QuantizerLike = str | QuantizerConfig | BoundQuantizer  # a preset name, a plugin config, or resolved
+PresetLike = str | QuantizerConfig | Preset  # a preset name, a plugin config, or resolved
 DEFAULT = "default"  # lora=DEFAULT: r=8, alpha=16 on every quantized module
 
 
@@ -47,7 +47,7 @@ def default_lora(model: nn.Module, *, r: int = 8, alpha: float = 16.0, dropout: 
                       task_type="CAUSAL_LM")
 
 
-def load(model: PreTrainedModel | str | os.PathLike, quantizer: QuantizerLike | None = None, *,
+def load(model: PreTrainedModel | str | os.PathLike, preset: PresetLike | None = None, *,
          lora: LoraConfig | str | None = DEFAULT, targets: list[str] | str | None = None,
          modules_to_not_convert: list[str] | None = None, calibration: Any = None,
          n_samples: int | None = None, seq_len: int | None = None, chunk_rows: int | None = None,
@@ -56,13 +56,13 @@ def load(model: PreTrainedModel | str | os.PathLike, quantizer: QuantizerLike | 
 
     ``model``: a transformers causal LM (quantized in place), a path or model id (loaded in ``torch_dtype``,
     float32 by default), or a quantized checkpoint (ours, or one a plugin reads, e.g. GPTQ), loaded packed
-    as it is when ``quantizer`` is None. ``targets`` / ``modules_to_not_convert`` choose what is
+    as it is when ``preset`` is None. ``targets`` / ``modules_to_not_convert`` choose what is
     quantized (default: every linear of the decoder blocks); ``lora`` chooses where adapters go, apart:
     a ``peft.LoraConfig`` (``target_modules=["q_proj", "v_proj"]``, ``use_dora=True``, ...), the default
     (r=8, alpha=16 on every quantized module), or None for no adapter. Returns a ``PeftModel``, or the
     quantized transformers model when ``lora`` is None.
     """
-    base = _quantized_base(model, quantizer, targets=targets, skip=modules_to_not_convert,
+    base = _quantized_base(model, preset, targets=targets, skip=modules_to_not_convert,
                            calibration=calibration, n_samples=n_samples, seq_len=seq_len,
                            chunk_rows=chunk_rows, torch_dtype=torch_dtype)
     if lora is None:
@@ -76,7 +76,7 @@ def load(model: PreTrainedModel | str | os.PathLike, quantizer: QuantizerLike | 
     return get_peft_model(base, lora)
 
 
-def _quantized_base(model: Any, quantizer: QuantizerLike | None, *, targets: Any, skip: Any, calibration: Any,
+def _quantized_base(model: Any, preset: PresetLike | None, *, targets: Any, skip: Any, calibration: Any,
                     n_samples: int | None, seq_len: int | None, chunk_rows: int | None,
                     torch_dtype: torch.dtype | None) -> PreTrainedModel:
     is_path = isinstance(model, (str, os.PathLike))
@@ -96,20 +96,20 @@ def _quantized_base(model: Any, quantizer: QuantizerLike | None, *, targets: Any
             if chunk_rows is not None:
                 for _, layer in iter_quantized_layers(base):
                     layer.chunk_rows = chunk_rows
-        if quantizer is not None:
-            _check_requested(model, base, quantizer)
+        if preset is not None:
+            _check_requested(model, base, preset)
         return base
     loader = get_registry().detect_format(model)
     if loader is not None:  # quantized elsewhere (GPTQ, bitsandbytes): converted as it is
         base = loader(model, chunk_rows=chunk_rows)
-        if quantizer is not None:
-            _check_requested(model, base, quantizer)
+        if preset is not None:
+            _check_requested(model, base, preset)
         return base
-    if quantizer is None:
+    if preset is None:
         raise UnknownQuantizerError(
-            f"no quantizer given and {_describe(model)} is not a quantized checkpoint that ModuLoRA or an "
-            f"installed plugin reads. Pass quantizer=one of: {', '.join(available_quantizers()) or '(none)'}")
-    bq = quantizer if isinstance(quantizer, BoundQuantizer) else get_quantizer(quantizer)
+            f"no preset given and {_describe(model)} is not a quantized checkpoint that ModuLoRA or an "
+            f"installed plugin reads. Pass preset=one of: {', '.join(available_presets()) or '(none)'}")
+    bq = preset if isinstance(preset, Preset) else get_preset(preset)
     qc = ModuLoRAConfig(bq, targets=targets, modules_to_not_convert=skip, calibration=calibration,
                         n_samples=n_samples, seq_len=seq_len, chunk_rows=chunk_rows)
     if is_path:
@@ -125,17 +125,17 @@ def _quantized_base(model: Any, quantizer: QuantizerLike | None, *, targets: Any
     return mark_quantized(model, qc)
 
 
-def _check_requested(where: Any, base: nn.Module, quantizer: QuantizerLike) -> None:
+def _check_requested(where: Any, base: nn.Module, preset: PresetLike) -> None:
     import json
 
-    bq = quantizer if isinstance(quantizer, BoundQuantizer) else get_quantizer(quantizer)
+    bq = preset if isinstance(preset, Preset) else get_preset(preset)
     want = json.loads(bq.config.to_json())
     for _, layer in iter_quantized_layers(base):
         have = json.loads(layer.packed.config.to_json())
         if have != want:
             raise CheckpointError(
                 f"{_describe(where)} holds weights quantized with {layer.preset!r} ({json.dumps(have)}), not the "
-                f"requested {bq.name!r} ({json.dumps(want)}): its dense weights are gone. Omit quantizer= to load "
+                f"requested {bq.name!r} ({json.dumps(want)}): its dense weights are gone. Omit preset= to load "
                 f"it as saved, or quantize the dense model with {bq.name!r}")
 
 

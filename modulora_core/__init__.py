@@ -24,7 +24,7 @@ from .hookspecs import hookimpl
 from .peft_lora import QuantizedLoraLinear, register_with_peft
 from .qlinear import QuantizedLinear, iter_quantized_layers
 from .quantizer import Capabilities, PackedWeight, Quantizer, QuantizerConfig
-from .registry import BoundQuantizer, available_quantizers, get_quantizer, list_plugins
+from .registry import Preset, available_presets, get_preset, list_plugins
 from .surgery import (
     QuantizeOptions,
     matches_target,
@@ -36,10 +36,10 @@ _register_with_transformers()
 register_with_peft()
 
 __all__ = [
-    "AdapterError", "BoundQuantizer", "CalibrationError", "Capabilities", "CheckpointError",
+    "AdapterError", "Preset", "CalibrationError", "Capabilities", "CheckpointError",
     "InvalidWeightError", "ModuLoRAError", "PackedWeight", "PluginError", "Quantizer", "QuantizerConfig",
-    "QuantizerConfigError", "TargetModulesError", "UnknownQuantizerError", "available_quantizers",
-    "get_quantizer", "hookimpl", "list_plugins",
+    "QuantizerConfigError", "TargetModulesError", "UnknownQuantizerError", "available_presets",
+    "get_preset", "hookimpl", "list_plugins",
     # the quantized base and transformers' side of it
     "ModuLoRAConfig", "ModuLoRAHfQuantizer", "QuantizedLinear", "QuantizedLoraLinear", "iter_quantized_layers", "mark_quantized",
     # model surgery, for plugins that convert models quantized elsewhere

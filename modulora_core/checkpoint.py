@@ -26,7 +26,7 @@ from .files import read_json, read_safetensors, staged_writes, tensors_digest
 from .hf import METHOD, ModuLoRAConfig, _check_versions, mark_quantized
 from .qlinear import PACKED_PREFIX, iter_quantized_layers
 from .quantizer import PackedWeight
-from .registry import BoundQuantizer, get_family, get_quantizer
+from .registry import Preset, get_family, get_preset
 from .surgery import build_empty, check_no_meta, replace_linear, retie
 
 if TYPE_CHECKING:
@@ -122,13 +122,13 @@ def load_legacy(directory: str | os.PathLike, *, chunk_rows: int | None = None, 
         try:
             packed_t = {k: tensors.pop(f"{name}.{PACKED_PREFIX}{k}") for k in e["tensors"]}
             bias = tensors.pop(f"{name}.bias") if e["has_bias"] else None
-            packed = fam.quantizer.unpack(packed_t, {**e, "quantizer": e["family"]})
+            packed = fam.quantizer.unpack(packed_t, e)
         except KeyError as err:
             raise CheckpointError(f"{d}: module {name} is in the index but {err} is missing from "
                                   f"{LEGACY_WEIGHTS}") from None
         except (ModuLoRAError, ValueError) as err:
             raise CheckpointError(f"{d}: plugin {fam.plugin} cannot unpack module {name}: {err}") from err
-        bq = get_quantizer(packed.config)
+        bq = get_preset(packed.config)
         bq = type(bq)(e.get("quantizer") or bq.name, bq.quantizer, bq.config, bq.plugin, bq.version)
         modules[name] = PackedModule(packed, bq, bias)
     cr = chunk_rows if chunk_rows is not None else index.get("chunk_rows")
@@ -148,7 +148,7 @@ class PackedModule:
     """One quantized module for :func:`build_quantized_model`: its packed weight, plugin and bias."""
 
     packed: PackedWeight
-    quantizer: BoundQuantizer
+    quantizer: Preset
     bias: torch.Tensor | None = None
 
 

@@ -30,7 +30,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from .errors import CheckpointError, UnknownQuantizerError
 from .qlinear import QuantizedLinear, iter_quantized_layers
 from .quantizer import PackedWeight, QuantizerConfig, dtype_from_name, dtype_name
-from .registry import BoundQuantizer, Family, get_family, get_quantizer
+from .registry import Family, Preset, get_family, get_preset
 
 METHOD = "modulora"
 _UNSERIALIZED = ("calibration",)  # data, not settings: never written to config.json
@@ -47,7 +47,7 @@ class ModuLoRAConfig(QuantizationConfigMixin):
     """Which quantizer, which modules, and with what calibration: transformers' ``quantization_config``.
 
     ``preset``: a preset name (``"quip#-2bit"``), a plugin config object (``RTNConfig(bits=3)``) or a
-    BoundQuantizer. ``targets``: PEFT-style module selection (None = every linear of the decoder blocks,
+    Preset. ``targets``: PEFT-style module selection (None = every linear of the decoder blocks,
     ``"all-linear"``, suffixes, or a regex); ``modules_to_not_convert``: suffixes left dense.
     ``calibration`` (tokens, text, a dataset, ``Calibration`` or ``{name: X^T X}``), ``n_samples`` and
     ``seq_len`` feed the block-by-block calibration of quantizers that need it; ``calibration`` is never
@@ -55,7 +55,7 @@ class ModuLoRAConfig(QuantizationConfigMixin):
     rebuild its packed buffers.
     """
 
-    def __init__(self, preset: str | QuantizerConfig | BoundQuantizer | None = None, *,
+    def __init__(self, preset: str | QuantizerConfig | Preset | None = None, *,
                  targets: list[str] | str | None = None, modules_to_not_convert: list[str] | None = None,
                  calibration: Any = None, n_samples: int | None = None, seq_len: int | None = None,
                  chunk_rows: int | None = None, quantizer_config: dict[str, Any] | None = None,
@@ -64,7 +64,7 @@ class ModuLoRAConfig(QuantizationConfigMixin):
         self.quant_method = METHOD
         if preset is None and quantizer_config is None:
             raise UnknownQuantizerError("ModuLoRAConfig needs a preset, e.g. ModuLoRAConfig('rtn-4bit'); "
-                                        "modulora.available_quantizers() lists the installed ones")
+                                        "modulora.available_presets() lists the installed ones")
         # a user's preset is checked at once (did-you-mean); a saved config is bound when a model loads,
         # where a missing plugin is reported with the checkpoint's own record of it
         bq = _bind(preset, quantizer_config) if quantizer_config is None or not isinstance(preset, str) else None
@@ -85,14 +85,14 @@ class ModuLoRAConfig(QuantizationConfigMixin):
             warnings.warn(f"ModuLoRAConfig ignores unknown settings {sorted(kwargs)}", stacklevel=2)
 
     @classmethod
-    def from_preset(cls, bq: BoundQuantizer, **kw: Any) -> ModuLoRAConfig:
+    def from_preset(cls, bq: Preset, **kw: Any) -> ModuLoRAConfig:
         return cls(bq, **kw)
 
     @property
     def family(self) -> str:
         return self.quantizer_config.get("family", "")
 
-    def bound(self) -> BoundQuantizer:
+    def bound(self) -> Preset:
         """The installed quantizer this config names (a clear error naming the plugin when absent)."""
         return _bind(self.preset, self.quantizer_config, checkpoint=self)
 
@@ -105,11 +105,11 @@ class ModuLoRAConfig(QuantizationConfigMixin):
 
 
 def _bind(preset: Any, quantizer_config: dict[str, Any] | None, checkpoint: ModuLoRAConfig | None = None
-          ) -> BoundQuantizer:
-    if isinstance(preset, BoundQuantizer):
+          ) -> Preset:
+    if isinstance(preset, Preset):
         return preset
     if preset is not None and not (checkpoint is not None and quantizer_config):
-        bq = get_quantizer(preset)  # did-you-mean error for an unknown name
+        bq = get_preset(preset)  # did-you-mean error for an unknown name
         if not quantizer_config or json.loads(bq.config.to_json()) == quantizer_config:
             return bq
         # else a config object was given (preset is then its family's name): its settings win below
@@ -125,8 +125,8 @@ def _bind(preset: Any, quantizer_config: dict[str, Any] | None, checkpoint: Modu
     if checkpoint is not None:
         _check_versions(fam, checkpoint)
     cfg = fam.quantizer.config_class.from_json(quantizer_config)
-    bq = get_quantizer(cfg)
-    return BoundQuantizer(preset or bq.name, bq.quantizer, bq.config, bq.plugin, bq.version)
+    bq = get_preset(cfg)
+    return Preset(preset or bq.name, bq.quantizer, bq.config, bq.plugin, bq.version)
 
 
 def _major(v: str | None) -> int | None:

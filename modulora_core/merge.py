@@ -44,9 +44,9 @@ def merge_requantized(model: nn.Module, *, calibration: Any = None, n_samples: i
                            "modulora.load or peft.get_peft_model returned")
     presets = {m.get_base_layer().preset for m in layers.values()}
     bq = next(iter(layers.values())).get_base_layer()
-    from .registry import get_quantizer
+    from .registry import get_preset
 
-    bound = get_quantizer(bq.packed.config)
+    bound = get_preset(bq.packed.config)
     cal = resolve_calibration(bound.name, bound.capabilities().needs_calibration, calibration, n_samples,
                               seq_len)
     if len(presets) > 1:

@@ -62,13 +62,13 @@ class QuantizedLinear(nn.Linear):
         """The packed weight over the module's current buffers (so it follows ``.to(device)``)."""
         tensors = {k: getattr(self, PACKED_PREFIX + k) for k in self._packed_keys}
         m = self._meta
-        return PackedWeight(m["quantizer"], self._packed_config, tuple(m["shape"]),
+        return PackedWeight(m["family"], self._packed_config, tuple(m["shape"]),
                             dtype_from_name(m["dtype"]), tensors, m["format_version"], dict(m["extra"]))
 
     @property
     def family(self) -> str:
         """The quantizer family (``"rtn"``, ``"quipsharp"``, ...)."""
-        return self._meta["quantizer"]
+        return self._meta["family"]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -109,7 +109,7 @@ class QuantizedLinear(nn.Linear):
 
     def quant_metadata(self) -> dict[str, Any]:
         """What a checkpoint records about this layer's packed weight."""
-        return {**self._meta, "quantizer_name": self.preset, "plugin_version": self.plugin_version,
+        return {**self._meta, "preset": self.preset, "plugin_version": self.plugin_version,
                 "has_bias": self.bias is not None}
 
     # -- compute ----------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ class QuantizerConfig(BaseModel):
     """Base of every plugin's config. Subclasses add fields (``bits``, ``group_size``, ...).
 
     ``family`` names the quantizer family the config belongs to; it is how a config object alone finds its
-    plugin (``modulora.get_quantizer(RTNConfig(bits=3))``).
+    plugin (``modulora.get_preset(RTNConfig(bits=3))``).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -94,11 +94,11 @@ class Capabilities(BaseModel):
 class PackedWeight:
     """A quantized ``[out, in]`` weight: plain tensors (safetensors-ready) plus what is needed to read them.
 
-    ``tensors`` hold the quantizer's storage (codes, scales, ...), never a Parameter. ``quantizer`` is the
-    family name, ``shape`` the dense ``(out, in)``, ``dtype`` the original weight's dtype.
+    ``tensors`` hold the quantizer's storage (codes, scales, ...), never a Parameter. ``family`` is the
+    quantizer family's name, ``shape`` the dense ``(out, in)``, ``dtype`` the original weight's dtype.
     """
 
-    quantizer: str
+    family: str
     config: QuantizerConfig
     shape: tuple[int, int]
     dtype: torch.dtype
@@ -129,13 +129,13 @@ class PackedWeight:
     def to(self, device: torch.device | str) -> PackedWeight:
         """A copy whose tensors live on ``device``."""
         moved = {k: v.to(device) for k, v in self.tensors.items()}
-        return PackedWeight(self.quantizer, self.config, self.shape, self.dtype, moved, self.format_version,
+        return PackedWeight(self.family, self.config, self.shape, self.dtype, moved, self.format_version,
                             dict(self.extra))
 
     def metadata(self) -> dict[str, Any]:
         """JSON-ready description (everything but the tensors)."""
         return {
-            "quantizer": self.quantizer,
+            "family": self.family,
             "config": json.loads(self.config.to_json()),
             "shape": list(self.shape),
             "dtype": dtype_name(self.dtype),
@@ -240,7 +240,8 @@ class Quantizer(ABC):
     def unpack(self, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> PackedWeight:
         """Rebuild a :class:`PackedWeight` from saved tensors + :meth:`PackedWeight.metadata`."""
         return PackedWeight(
-            quantizer=metadata["quantizer"],
+            # "quantizer" is what modulora 0.1 wrote for the family
+            family=metadata.get("family", metadata.get("quantizer")),
             config=self.config_class.from_json(metadata["config"]),
             shape=(int(metadata["shape"][0]), int(metadata["shape"][1])),
             dtype=dtype_from_name(metadata["dtype"]),

@@ -46,8 +46,8 @@ class Family:
 
 
 @dataclass(frozen=True)
-class BoundQuantizer:
-    """A quantizer with its config: what ``modulora.get_quantizer`` returns."""
+class Preset:
+    """A quantizer with its config: what ``modulora.get_preset`` returns."""
 
     name: str
     quantizer: Quantizer
@@ -153,12 +153,12 @@ class Registry:
     def names(self) -> list[str]:
         return sorted(set(self.presets) | set(self.families))
 
-    def resolve(self, name_or_config: str | QuantizerConfig) -> BoundQuantizer:
+    def resolve(self, name_or_config: str | QuantizerConfig) -> Preset:
         if isinstance(name_or_config, QuantizerConfig):
             cfg = name_or_config
             for fam, entry in self.families.items():
                 if isinstance(cfg, entry.quantizer.config_class):
-                    return BoundQuantizer(fam, entry.quantizer, cfg, entry.plugin, entry.version)
+                    return Preset(fam, entry.quantizer, cfg, entry.plugin, entry.version)
             raise UnknownQuantizerError(
                 f"no installed plugin takes a {type(cfg).__name__} (family {cfg.family!r}). "
                 + self._install_hint(cfg.family)
@@ -171,7 +171,7 @@ class Registry:
         if key in self.presets:
             fam, cfg = self.presets[key]
             entry = self.families[fam]
-            return BoundQuantizer(key, entry.quantizer, cfg, entry.plugin, entry.version)
+            return Preset(key, entry.quantizer, cfg, entry.plugin, entry.version)
         if key in self.families:
             entry = self.families[key]
             try:
@@ -181,7 +181,7 @@ class Registry:
                     f"quantizer family {key!r} has no default config; use one of its presets: "
                     f"{sorted(p for p, (f, _) in self.presets.items() if f == key)}"
                 ) from e
-            return BoundQuantizer(key, entry.quantizer, cfg, entry.plugin, entry.version)
+            return Preset(key, entry.quantizer, cfg, entry.plugin, entry.version)
         close = difflib.get_close_matches(key, self.names(), n=3)
         msg = f"unknown quantizer {name_or_config!r}."
         if close:
@@ -241,12 +241,12 @@ def reset_registry() -> None:
         _REGISTRY = None
 
 
-def available_quantizers() -> list[str]:
-    """Every preset and family name that ``get_quantizer`` accepts, sorted."""
+def available_presets() -> list[str]:
+    """Every preset and family name that ``get_preset`` accepts, sorted."""
     return get_registry().names()
 
 
-def get_quantizer(name_or_config: str | QuantizerConfig) -> BoundQuantizer:
+def get_preset(name_or_config: str | QuantizerConfig) -> Preset:
     """Resolve ``"rtn-4bit"`` (a preset), ``"rtn"`` (a family with its default config) or a config object."""
     return get_registry().resolve(name_or_config)
 

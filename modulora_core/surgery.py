@@ -21,7 +21,7 @@ from .calibration_data import Calibration, calibration_tokens, resolve_calibrati
 from .errors import CalibrationError, CheckpointError, ModuLoRAError, TargetModulesError
 from .qlinear import QuantizedLinear, iter_quantized_layers
 from .quantizer import PackedWeight, Quantizer
-from .registry import BoundQuantizer, get_quantizer
+from .registry import Preset, get_preset
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
@@ -121,11 +121,11 @@ def check_no_meta(model: nn.Module, what: str, error: type[Exception] = Checkpoi
 
 
 # -- swapping layers ------------------------------------------------------------------------------------------
-def replace_linear(model: nn.Module, name: str, packed: PackedWeight, quantizer: Quantizer | BoundQuantizer, *,
+def replace_linear(model: nn.Module, name: str, packed: PackedWeight, quantizer: Quantizer | Preset, *,
                    bias: torch.Tensor | None = None, chunk_rows: int | None = None, preset: str | None = None,
                    plugin_version: str | None = None) -> QuantizedLinear:
     """Put a QuantizedLinear over ``packed`` (``[out, in]``) in place of module ``name``; returns it."""
-    if isinstance(quantizer, BoundQuantizer):
+    if isinstance(quantizer, Preset):
         preset, plugin_version, quantizer = preset or quantizer.name, plugin_version or quantizer.version, \
             quantizer.quantizer
     parent_name, _, leaf = name.rpartition(".")
@@ -135,7 +135,7 @@ def replace_linear(model: nn.Module, name: str, packed: PackedWeight, quantizer:
     return layer
 
 
-def _swap_in(model: nn.Module, name: str, bq: BoundQuantizer, chunk_rows: int | None,
+def _swap_in(model: nn.Module, name: str, bq: Preset, chunk_rows: int | None,
              hessian: torch.Tensor | None) -> None:
     old = model.get_submodule(name)
     weight = old.weight.detach()  # (out, in)
@@ -160,14 +160,14 @@ class QuantizeOptions:
 
 def quantize_model(model: PreTrainedModel, preset: str | Any, opts: QuantizeOptions | None = None,
                    *, source: Any = None) -> list[str]:
-    """Quantize the targeted linears of ``model`` in place with ``preset`` (a name, config or BoundQuantizer).
+    """Quantize the targeted linears of ``model`` in place with ``preset`` (a name, config or Preset).
 
     Calibrates block by block when the quantizer needs it (``opts.calibration``: tokens, text, a dataset, a
     :class:`Calibration`, or ``{name: X^T X}``). ``source`` is where the tokenizer for text calibration comes
     from (default: the model's ``name_or_path``). Returns the quantized module names.
     """
     opts = opts or QuantizeOptions()
-    bq = preset if isinstance(preset, BoundQuantizer) else get_quantizer(preset)
+    bq = preset if isinstance(preset, Preset) else get_preset(preset)
     if any(True for _ in iter_quantized_layers(model)):
         raise ModuLoRAError("model already has quantized layers; quantize the dense model instead")
     cal = resolve_calibration(bq.name, bq.capabilities().needs_calibration, opts.calibration, opts.n_samples,

@@ -163,7 +163,7 @@ def take_over(model_or_path: Any, *, chunk_rows: int | None = None) -> nn.Module
     transformers saved from one (loaded on the CPU first). ``chunk_rows`` as in ``modulora.load``. The
     result is a ModuLoRA model (``config.quantization_config`` is a ``ModuLoRAConfig``) without adapters.
     """
-    from modulora_core import ModuLoRAConfig, get_quantizer, mark_quantized, replace_linear
+    from modulora_core import ModuLoRAConfig, get_preset, mark_quantized, replace_linear
 
     if isinstance(model_or_path, (str, os.PathLike)):
         from transformers import AutoModelForCausalLM
@@ -180,7 +180,7 @@ def take_over(model_or_path: Any, *, chunk_rows: int | None = None) -> nn.Module
         old = model.get_submodule(name)
         packed = packed_from_linear4bit(old, where=name)
         # the installed plugin's version, and the preset's name ("fp4-nodq"), for checkpoints
-        bound = dataclasses.replace(get_quantizer(packed.config), name=preset_name(packed.config))
+        bound = dataclasses.replace(get_preset(packed.config), name=preset_name(packed.config))
         replace_linear(model, name, packed, bound, chunk_rows=chunk_rows,
                        bias=None if old.bias is None else old.bias.detach())
         del old

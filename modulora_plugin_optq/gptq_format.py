@@ -29,7 +29,7 @@ from modulora_core import (
     PackedModule,
     PackedWeight,
     build_quantized_model,
-    get_quantizer,
+    get_preset,
     iter_quantized_layers,
 )
 
@@ -147,7 +147,7 @@ def load_gptq(path: str | os.PathLike, *, chunk_rows: int | None = None,
     if not names:
         raise CheckpointError(f"{d} says it is GPTQ-quantized but its weights have no '*.qweight' tensors")
     skeleton = _skeleton(config)
-    bound = dataclasses.replace(get_quantizer(cfg), name=preset_name(cfg))  # the installed plugin's version
+    bound = dataclasses.replace(get_preset(cfg), name=preset_name(cfg))  # the installed plugin's version
     stored = next((t.dtype for k, t in tensors.items() if t.is_floating_point() and not k.endswith(".scales")), None)
     base_dtype = dtype or getattr(config, "dtype", None) or stored or torch.float16
     if isinstance(base_dtype, str):

@@ -14,7 +14,7 @@ from modulora_core.testing.autograd_checks import lora_over
 def make_layer(out_f=48, in_f=64, preset="rtn-4bit", r=4, chunk_rows=None, bias=True, seed=0):
     """PEFT's LoRA layer (random A and B) over a QuantizedLinear."""
     g = torch.Generator().manual_seed(seed)
-    bq = modulora.get_quantizer(preset)
+    bq = modulora.get_preset(preset)
     w = torch.randn(out_f, in_f, generator=g)
     b = torch.randn(out_f, generator=g) if bias else None
     torch.manual_seed(seed)
@@ -57,7 +57,7 @@ def test_gradients_match_dense_float64_reference(chunk_rows):
 
 @pytest.mark.parametrize("chunk_rows", [None, 5])
 def test_gradcheck_base_path_float64(chunk_rows):
-    bq = modulora.get_quantizer("rtn-3bit")
+    bq = modulora.get_preset("rtn-3bit")
     packed = bq.quantize(torch.randn(12, 16))
     x = torch.randn(4, 16, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(

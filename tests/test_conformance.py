@@ -13,7 +13,7 @@ import torch
 from modulora_plugin_rtn import RTNConfig, RTNQuantizer
 
 from modulora_core import Capabilities
-from modulora_core.registry import BoundQuantizer, get_registry
+from modulora_core.registry import Preset, get_registry
 from modulora_core.testing import QuantizerConformance
 
 
@@ -22,7 +22,7 @@ def _class_name(preset: str) -> str:
 
 
 for _preset in sorted(get_registry().presets):
-    globals()[_class_name(_preset)] = type(_class_name(_preset), (QuantizerConformance,), {"quantizer": _preset})
+    globals()[_class_name(_preset)] = type(_class_name(_preset), (QuantizerConformance,), {"preset": _preset})
 
 
 class ProbeRTN(RTNQuantizer):
@@ -54,7 +54,7 @@ class ProbeRTN(RTNQuantizer):
 
 
 class TestKitProbe(QuantizerConformance):
-    quantizer = BoundQuantizer("rtn-probe-4bit", ProbeRTN(), RTNConfig(bits=4), "tests", None)
+    preset = Preset("rtn-probe-4bit", ProbeRTN(), RTNConfig(bits=4), "tests", None)
     # shape multiples of 16 x 64 turn these into (64, 128), (96, 256), (256, 64), (16, 64)
     shapes = ((60, 100), (96, 256), (250, 64))
     gradcheck_shape = (12, 16)
@@ -65,4 +65,4 @@ def test_one_class_per_preset() -> None:
     assert "rtn-4bit" in presets
     for p in presets:
         cls = globals()[_class_name(p)]
-        assert issubclass(cls, QuantizerConformance) and cls.quantizer == p
+        assert issubclass(cls, QuantizerConformance) and cls.preset == p

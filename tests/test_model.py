@@ -304,7 +304,7 @@ def test_interrupted_save_leaves_previous_checkpoint(saved, tmp_path, ids, monke
 def test_unknown_quantizer_lists_presets(tmp_path):
     with pytest.raises(modulora.UnknownQuantizerError, match="rtn-4bit"):
         modulora.load(tiny_llama(), "rtn-5bit")
-    with pytest.raises(modulora.UnknownQuantizerError, match="Pass quantizer=.*rtn-2bit"):
+    with pytest.raises(modulora.UnknownQuantizerError, match="Pass preset=.*rtn-2bit"):
         modulora.load(tiny_llama())
     with pytest.raises(modulora.UnknownQuantizerError, match="nowhere.*not a quantized checkpoint"):
         modulora.load(tmp_path / "nowhere")
@@ -321,7 +321,7 @@ def test_no_matching_targets_names_request_and_choices():
         modulora.load(modulora.load(tiny_llama(), "rtn-4bit", lora=None), "rtn-4bit")
 
 
-class _CalibratedRTN(type(registry.get_quantizer("rtn").quantizer)):
+class _CalibratedRTN(type(registry.get_preset("rtn").quantizer)):
     """RTN that claims to need a Hessian (and checks it got one), to test the calibration plumbing."""
 
     name = "rtn"
@@ -406,7 +406,7 @@ def write_legacy(model: nn.Module, d: Path, *, chunk_rows: int | None = None) ->
     modules = {}
     for name, layer in modulora.iter_quantized_layers(model):
         m = layer.quant_metadata()
-        modules[name] = {"quantizer": m["quantizer_name"], "family": m["quantizer"], "config": m["config"],
+        modules[name] = {"quantizer": m["preset"], "family": m["family"], "config": m["config"],
                          "plugin": "modulora-plugin-rtn", "plugin_version": m["plugin_version"],
                          "format_version": m["format_version"], "shape": m["shape"], "dtype": m["dtype"],
                          "has_bias": m["has_bias"], "extra": m["extra"], "tensors": sorted(layer.packed.tensors)}

@@ -38,13 +38,13 @@ CALIBRATION_FREE = ["rtn-2bit", "rtn-3bit", "rtn-4bit", "rtn-8bit", "nf4", "nf4-
                     "hqq-2bit", "hqq-3bit", "hqq-4bit", "hqq-8bit"]
 
 
-def _installed(name: str) -> modulora.BoundQuantizer:
-    if name not in modulora.available_quantizers():
+def _installed(name: str) -> modulora.Preset:
+    if name not in modulora.available_presets():
         pytest.skip(f"{name} is not installed")
-    return modulora.get_quantizer(name)
+    return modulora.get_preset(name)
 
 
-def _fits(bq: modulora.BoundQuantizer, shape: tuple[int, int]) -> bool:
+def _fits(bq: modulora.Preset, shape: tuple[int, int]) -> bool:
     caps = bq.capabilities()
     return shape[0] % caps.out_multiple == 0 and shape[1] % caps.in_multiple == 0
 
@@ -72,7 +72,7 @@ def test_packed_nbytes_of_calibrating_quantizers(name: str) -> None:
 
 
 def test_packed_nbytes_needs_no_memory_for_65b_shapes() -> None:
-    bq = modulora.get_quantizer("rtn-2bit")
+    bq = modulora.get_preset("rtn-2bit")
     n = bq.quantizer.packed_nbytes((22016, 8192), bq.config)
     assert n == 22016 * (8192 // 8 * 2 + 8192 // 64 * 3)  # codes + fp16 scale + uint8 zero per 64
 
@@ -212,7 +212,7 @@ def test_components_sum_to_the_total_and_one_transient_counts() -> None:
 def test_packed_component_is_the_sum_of_exact_sizes_and_dense_has_no_packing() -> None:
     cfg = tiny_config()
     shapes = model_shapes(cfg, None)
-    bq = modulora.get_quantizer("rtn-3bit")
+    bq = modulora.get_preset("rtn-3bit")
     expected = sum(bq.quantize(torch.randn(t.out_features, t.in_features)).nbytes() for t in shapes.targets)
     assert plan(cfg, "rtn-3bit").component("packed").nbytes == expected
     dense = plan(cfg, "dense", dtype="bfloat16")

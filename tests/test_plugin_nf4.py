@@ -30,19 +30,19 @@ needs_bnb = pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes is not installe
 
 
 class TestNF4(QuantizerConformance):
-    quantizer = "nf4"
+    preset = "nf4"
 
 
 class TestNF4NoDQ(QuantizerConformance):
-    quantizer = "nf4-nodq"
+    preset = "nf4-nodq"
 
 
 class TestFP4(QuantizerConformance):
-    quantizer = "fp4"
+    preset = "fp4"
 
 
 class TestFP4NoDQ(QuantizerConformance):
-    quantizer = "fp4-nodq"
+    preset = "fp4-nodq"
 
 
 def flat_reference(packed: modulora.PackedWeight) -> torch.Tensor:
@@ -87,7 +87,7 @@ def test_value_on_a_threshold_takes_the_lower_level(quant_type):
 @pytest.mark.parametrize("shape", [(7, 9), (33, 70), (5, 100), (3, 64), (1, 1)])
 @pytest.mark.parametrize("preset", ["nf4", "fp4-nodq"])
 def test_row_blocks_where_blocks_span_rows(shape, preset):
-    packed = modulora.get_quantizer(preset).quantize(gaussian_weight(shape, seed=sum(shape)))
+    packed = modulora.get_preset(preset).quantize(gaussian_weight(shape, seed=sum(shape)))
     whole = Q.materialize(packed, dtype=torch.float32)
     assert torch.equal(whole, flat_reference(packed))
     for a in range(shape[0]):
@@ -97,7 +97,7 @@ def test_row_blocks_where_blocks_span_rows(shape, preset):
 
 def test_bits_per_weight():
     w = gaussian_weight((1024, 1024), seed=0)
-    dq, nodq = (modulora.get_quantizer(p).quantize(w) for p in ("nf4", "nf4-nodq"))
+    dq, nodq = (modulora.get_preset(p).quantize(w) for p in ("nf4", "nf4-nodq"))
     # 4 + 8/64 (absmax codes) + 32/(64*256) (their scales) + 32/n (the offset)
     assert dq.bits_per_weight() == pytest.approx(4 + 8 / 64 + 32 / 64 / 256 + 32 / 2**20)
     assert round(dq.bits_per_weight(), 3) == 4.127
@@ -106,7 +106,7 @@ def test_bits_per_weight():
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_error_within_declared_bounds_on_a_large_weight(preset):
-    bq = modulora.get_quantizer(preset)
+    bq = modulora.get_preset(preset)
     caps = bq.capabilities()
     for make, bound in ((gaussian_weight, caps.max_relative_error),
                         (student_t_weight, caps.max_relative_error_heavy_tailed)):

@@ -42,11 +42,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny matmuls,
 
 
 class TestActOrderAsym3bit(QuantizerConformance):
-    quantizer = OPTQConfig(bits=3, group_size=32, sym=False, desc_act=True)  # non-monotonic g_idx
+    preset = OPTQConfig(bits=3, group_size=32, sym=False, desc_act=True)  # non-monotonic g_idx
 
 
 class TestStaticWholeRow8bit(QuantizerConformance):
-    quantizer = OPTQConfig(bits=8, group_size=-1, desc_act=True, static_groups=True)
+    preset = OPTQConfig(bits=8, group_size=-1, desc_act=True, static_groups=True)
 
 
 # -- packing -------------------------------------------------------------------------------------------------

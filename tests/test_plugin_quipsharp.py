@@ -20,21 +20,21 @@ Q = QuipSharpQuantizer()
 class TestPlainRounding(QuantizerConformance):
     """Incoherence + E8P without BlockLDLQ: the calibration-free branch of the kit."""
 
-    quantizer = QuipSharpConfig(bits=2, ldlq=False)
+    preset = QuipSharpConfig(bits=2, ldlq=False)
 
 
 class TestPaleyAndRandomSizes(QuantizerConformance):
     """Sizes with Paley factors (24 = 2 x 12, 40 = 2 x 20, 72 = 2 x 36) and a random orthogonal one (344)."""
 
-    quantizer = "quip#-3bit"
+    preset = "quip#-3bit"
     shapes = ((40, 72), (24, 344))
     gradcheck_shape = (24, 40)
 
-    def test_bits_per_weight_within_budget(self, bound_quantizer, capabilities, weight_cases) -> None:
+    def test_bits_per_weight_within_budget(self, bound_preset, capabilities, weight_cases) -> None:
         # small weights pay more for their sign vectors (and the 344 one for its 172 x 172 factor) than
         # the declared budget allows; check the storage against the formula instead
         for case in weight_cases:
-            assert case.packed.bits_per_weight() == bits_per_weight(bound_quantizer.config, case.shape)
+            assert case.packed.bits_per_weight() == bits_per_weight(bound_preset.config, case.shape)
 
 
 def quantized(shape, bits=2, seed=0, ldlq=True):
@@ -44,11 +44,11 @@ def quantized(shape, bits=2, seed=0, ldlq=True):
 
 
 def test_presets():
-    names = set(modulora.available_quantizers())
+    names = set(modulora.available_presets())
     for bits in (2, 3, 4):
         for name in (f"quip#-{bits}bit", f"quipsharp-{bits}bit"):
             assert name in names and PRESETS[name].bits == bits
-            assert modulora.get_quantizer(name).capabilities().needs_calibration
+            assert modulora.get_preset(name).capabilities().needs_calibration
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -110,7 +110,7 @@ def test_seed_changes_only_the_signs_stored():
 
 # -- bad input ----------------------------------------------------------------------------------------------
 def test_bad_input_gets_clear_errors():
-    bq = modulora.get_quantizer("quip#-2bit")
+    bq = modulora.get_preset("quip#-2bit")
     with pytest.raises(InvalidWeightError, match="multiple of 8"):
         bq.quantize(torch.randn(16, 20), torch.eye(20))
     with pytest.raises(InvalidWeightError, match="multiple of 8"):

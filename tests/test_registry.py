@@ -25,8 +25,8 @@ from modulora_core import (
 from modulora_core.quantizer import validate_config
 from modulora_core.registry import (
     Registry,
-    available_quantizers,
-    get_quantizer,
+    available_presets,
+    get_preset,
     list_plugins,
     reset_registry,
 )
@@ -94,22 +94,22 @@ def test_unknown_name_lists_presets_and_names_the_distribution(fresh_registry, m
     monkeypatch.setenv("MODULORA_PLUGINS", "rtn")  # so that hqq is unknown even where it is installed
     reset_registry()
     with pytest.raises(UnknownQuantizerError) as e:
-        get_quantizer("hqq-2bit")
+        get_preset("hqq-2bit")
     msg = str(e.value)
     assert "unknown quantizer 'hqq-2bit'" in msg
     assert "rtn-4bit" in msg and "modulora-plugin-hqq" in msg
     with pytest.raises(UnknownQuantizerError, match="first-party"):
-        get_quantizer("optq-3bit")
+        get_preset("optq-3bit")
 
 
 def test_did_you_mean() -> None:
     with pytest.raises(UnknownQuantizerError, match=r"Did you mean 'rtn-4bit'"):
-        get_quantizer("rtn-4bits")
-    assert get_quantizer(" RTN-4bit ").name == "rtn-4bit"  # names are case- and space-insensitive
+        get_preset("rtn-4bits")
+    assert get_preset(" RTN-4bit ").name == "rtn-4bit"  # names are case- and space-insensitive
 
 
 def test_family_name_gives_its_default_config() -> None:
-    bq = get_quantizer("rtn")
+    bq = get_preset("rtn")
     assert bq.family == "rtn" and bq.config == RTNConfig()
 
 
@@ -130,7 +130,7 @@ def test_config_of_another_family_is_refused() -> None:
 
 def test_get_quantizer_with_a_config_object() -> None:
     cfg = RTNConfig(bits=3, group_size=32, symmetric=True)
-    bq = get_quantizer(cfg)
+    bq = get_preset(cfg)
     assert bq.family == "rtn" and bq.config is cfg and bq.plugin == "rtn"
     packed = bq.quantize(torch.randn(16, 64))
     assert isinstance(packed, PackedWeight) and packed.config == cfg and packed.shape == (16, 64)
@@ -141,7 +141,7 @@ def test_config_of_an_uninstalled_family_is_unknown() -> None:
         family = "other"
 
     with pytest.raises(UnknownQuantizerError, match="OtherConfig"):
-        get_quantizer(OtherConfig())
+        get_preset(OtherConfig())
 
 
 # -- broken plugins -------------------------------------------------------------------------------------
@@ -151,10 +151,10 @@ def test_plugin_that_fails_to_import_is_reported_and_others_load(make_dist) -> N
     assert info.distribution == "brokenplug" and info.version == "0.1"
     assert "RuntimeError: brokenplug fails to import on purpose" in info.error
     assert info.families == [] and info.presets == []
-    assert plugin("rtn").error is None and "rtn-4bit" in available_quantizers()
-    assert get_quantizer("rtn-4bit").family == "rtn"
+    assert plugin("rtn").error is None and "rtn-4bit" in available_presets()
+    assert get_preset("rtn-4bit").family == "rtn"
     with pytest.raises(UnknownQuantizerError, match="Plugins that failed to load: brokenplug"):
-        get_quantizer("brokenplug-4bit")
+        get_preset("brokenplug-4bit")
 
 
 def run_cli(*args: str, pythonpath: Path | None = None) -> subprocess.CompletedProcess:
@@ -182,7 +182,7 @@ def test_plugin_whose_register_hook_raises_is_reported(make_dist) -> None:
     make_dist("raiseplug", RAISING_HOOK)
     info = plugin("raiseplug")
     assert info.error == "modulora_register_quantizers failed: ValueError: register hook fails on purpose"
-    assert "rtn-4bit" in available_quantizers()
+    assert "rtn-4bit" in available_presets()
 
 
 def test_plugin_registering_a_non_quantizer_gets_a_plugin_error(make_dist) -> None:
@@ -190,7 +190,7 @@ def test_plugin_registering_a_non_quantizer_gets_a_plugin_error(make_dist) -> No
     err = plugin("fakeplug").error
     assert "PluginError" in err and "plugin 'fakeplug' registered <object object" in err
     assert "which is not a modulora_core.Quantizer" in err
-    assert "fake-4bit" not in available_quantizers()
+    assert "fake-4bit" not in available_presets()
 
 
 def test_quantizer_whose_config_family_mismatches_is_refused() -> None:
@@ -228,19 +228,19 @@ def test_modulora_plugins_restricts_loading(make_dist, monkeypatch) -> None:
     monkeypatch.setenv("MODULORA_PLUGINS", "rtn")
     reset_registry()
     assert {p.name for p in list_plugins()} == {"rtn"}
-    assert "rtn-4bit" in available_quantizers()
+    assert "rtn-4bit" in available_presets()
     monkeypatch.setenv("MODULORA_PLUGINS", " brokenplug ")
     reset_registry()
     assert {p.name for p in list_plugins()} == {"brokenplug"}
-    assert not [n for n in available_quantizers() if n.startswith("rtn")]
+    assert not [n for n in available_presets() if n.startswith("rtn")]
     with pytest.raises(UnknownQuantizerError) as e:
-        get_quantizer("rtn-4bit")
+        get_preset("rtn-4bit")
     assert "modulora-plugin-rtn" in str(e.value) and "brokenplug" in str(e.value)
 
 
 # -- the conformance kit on a plugin that violates the protocol ------------------------------------------
 BROKEN_KIT_TEST = """
-    from modulora_core.registry import BoundQuantizer
+    from modulora_core.registry import Preset
     from modulora_core.testing import QuantizerConformance
     from modulora_plugin_rtn import RTNConfig, RTNQuantizer
 
@@ -252,7 +252,7 @@ BROKEN_KIT_TEST = """
 
 
     class TestWrongShape(QuantizerConformance):
-        quantizer = BoundQuantizer("wrong-shape", WrongShape(), RTNConfig(bits=4), "test", None)
+        preset = Preset("wrong-shape", WrongShape(), RTNConfig(bits=4), "test", None)
 """
 
 

@@ -43,7 +43,7 @@ def register(app: typer.Typer) -> None:
             if requantize:
                 preset = models.preset_of(peft_model)
                 cal = None
-                if modulora.get_quantizer(preset).capabilities().needs_calibration:
+                if modulora.get_preset(preset).capabilities().needs_calibration:
                     cal = models.calibration_for(calibration_texts(calibration), tok, calibration_samples, seq_len)
                 merged = modulora.merge_requantized(peft_model, calibration=cal)
                 modulora.save_quantized(merged, out, tokenizer=tok)

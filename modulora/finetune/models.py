@@ -38,11 +38,11 @@ def calibration_available() -> bool:
 def default_quantizer() -> tuple[str, str | None]:
     """``(preset, note)``: ``PREFERRED_QUANTIZER`` when it can run here, else the first installed
     ``FALLBACK_QUANTIZERS`` preset and a note saying why."""
-    from modulora_core.registry import available_quantizers, get_quantizer
+    from modulora_core.registry import available_presets, get_preset
 
-    installed = set(available_quantizers())
+    installed = set(available_presets())
     if PREFERRED_QUANTIZER in installed:
-        needs_cal = get_quantizer(PREFERRED_QUANTIZER).capabilities().needs_calibration
+        needs_cal = get_preset(PREFERRED_QUANTIZER).capabilities().needs_calibration
         if not needs_cal or calibration_available():
             return PREFERRED_QUANTIZER, None
         why = f"the calibration pipeline it needs ({CALIBRATION_MODULE}) is not installed"
@@ -125,7 +125,7 @@ def quantize(dense: PreTrainedModel, preset: str, *, targets: Targets = None, sk
     import modulora
 
     calibration = None
-    if modulora.get_quantizer(preset).capabilities().needs_calibration:
+    if modulora.get_preset(preset).capabilities().needs_calibration:
         if calibration_texts is None:
             from .tasks import get_task
 
@@ -151,7 +151,7 @@ def load_base(model: str, quantizer: str | None = None, *, targets: Targets = No
         return modulora.load(model, quantizer, lora=None, chunk_rows=chunk_rows)
     if not quantizer:
         raise UnknownQuantizerError(f"{model} is a dense model; pass --quantizer (one of "
-                                    f"{', '.join(modulora.available_quantizers())}) to quantize it")
+                                    f"{', '.join(modulora.available_presets())}) to quantize it")
     return quantize(load_dense(model), quantizer, targets=targets, skip=skip, chunk_rows=chunk_rows,
                     tokenizer=tokenizer or load_tokenizer(model))
 

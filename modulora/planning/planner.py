@@ -28,7 +28,7 @@ from peft import LoraConfig
 
 from modulora_core.errors import ModuLoRAError
 from modulora_core.quantizer import PackedWeight, QuantizerConfig, dtype_from_name, dtype_name
-from modulora_core.registry import BoundQuantizer, get_quantizer
+from modulora_core.registry import Preset, get_preset
 from modulora_core.surgery import matches_target
 
 from .activations import StepShape, activations
@@ -160,18 +160,18 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
-QuantizerSpec = str | QuantizerConfig | BoundQuantizer | Mapping[str, str | QuantizerConfig]
+QuantizerSpec = str | QuantizerConfig | Preset | Mapping[str, str | QuantizerConfig]
 
 
-def _resolve(spec: str | QuantizerConfig | BoundQuantizer) -> BoundQuantizer | None:
-    if isinstance(spec, BoundQuantizer):
+def _resolve(spec: str | QuantizerConfig | Preset) -> Preset | None:
+    if isinstance(spec, Preset):
         return spec
     if isinstance(spec, str) and spec.strip().lower() == DENSE:
         return None
-    return get_quantizer(spec)
+    return get_preset(spec)
 
 
-def _per_module(shapes: ModelShapes, quantizer: QuantizerSpec) -> dict[str, BoundQuantizer | None]:
+def _per_module(shapes: ModelShapes, quantizer: QuantizerSpec) -> dict[str, Preset | None]:
     """Target name -> its quantizer (None: dense). A mapping is matched like ``target_modules`` (name or
     ``.``-suffix), in order; the key ``"*"`` catches the rest."""
     if not isinstance(quantizer, Mapping):
@@ -181,7 +181,7 @@ def _per_module(shapes: ModelShapes, quantizer: QuantizerSpec) -> dict[str, Boun
     if None in resolved.values() and any(v is not None for v in resolved.values()):
         raise ModuLoRAError("'dense' cannot be mixed with quantizers in one mapping; to keep a module dense, "
                             "leave it out of targets or name it in modules_to_not_convert")
-    out: dict[str, BoundQuantizer | None] = {}
+    out: dict[str, Preset | None] = {}
     for t in shapes.targets:
         key = next((k for k in resolved if k != "*" and matches_target(t.name, [k])), "*")
         if key not in resolved:
@@ -192,12 +192,12 @@ def _per_module(shapes: ModelShapes, quantizer: QuantizerSpec) -> dict[str, Boun
 
 
 @functools.lru_cache(maxsize=512)
-def _packed_nbytes(bq: BoundQuantizer, out_f: int, in_f: int) -> int:
+def _packed_nbytes(bq: Preset, out_f: int, in_f: int) -> int:
     return int(bq.quantizer.packed_nbytes((out_f, in_f), bq.config))
 
 
 @functools.lru_cache(maxsize=256)
-def materialize_peak(bq: BoundQuantizer, out_f: int, in_f: int, rows: int, dtype: torch.dtype) -> int:
+def materialize_peak(bq: Preset, out_f: int, in_f: int, rows: int, dtype: torch.dtype) -> int:
     """Peak bytes ``materialize`` allocates (its result included) for ``rows`` rows of an ``(out, in)`` weight.
 
     Measured on a small real weight (64 rows; for calibrating quantizers with in > 1024, a narrower one)
@@ -215,7 +215,7 @@ def materialize_peak(bq: BoundQuantizer, out_f: int, in_f: int, rows: int, dtype
 
 
 @functools.lru_cache(maxsize=256)
-def fast_path_peak(bq: BoundQuantizer, out_f: int, in_f: int, tokens: int, dtype: torch.dtype) -> int:
+def fast_path_peak(bq: Preset, out_f: int, in_f: int, tokens: int, dtype: torch.dtype) -> int:
     """An estimate of what a fast path (``matmul_T``) allocates for ``tokens`` rows of gradient.
 
     The fast path decodes the weight in blocks of its own choosing: its peak on a small weight (64 rows,
@@ -229,7 +229,7 @@ def fast_path_peak(bq: BoundQuantizer, out_f: int, in_f: int, tokens: int, dtype
     return math.ceil(peak * in_f / in0) + 2 * tokens * (in_f + out_f) * 4
 
 
-def _small_packed(bq: BoundQuantizer, out_f: int, in_f: int) -> PackedWeight:
+def _small_packed(bq: Preset, out_f: int, in_f: int) -> PackedWeight:
     """A real packed weight of 64 rows (or fewer) and ``in_f`` inputs, or about 1024 for quantizers that
     need calibration (their cost grows with in^2; many layer widths then share one small weight)."""
     caps = bq.capabilities()
@@ -241,7 +241,7 @@ def _small_packed(bq: BoundQuantizer, out_f: int, in_f: int) -> PackedWeight:
 
 
 @functools.lru_cache(maxsize=64)
-def _random_packed(bq: BoundQuantizer, rows: int, in_f: int) -> PackedWeight:
+def _random_packed(bq: Preset, rows: int, in_f: int) -> PackedWeight:
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(rows, in_f, generator=gen) * in_f**-0.5
     return bq.quantize(w, torch.eye(in_f) if bq.capabilities().needs_calibration else None)
@@ -282,7 +282,7 @@ def _nbytes(dtype: torch.dtype) -> int:
     return torch.finfo(dtype).bits // 8
 
 
-def _base_weights(shapes: ModelShapes, per_module: dict[str, BoundQuantizer | None], chunk_rows: int | None,
+def _base_weights(shapes: ModelShapes, per_module: dict[str, Preset | None], chunk_rows: int | None,
                   tokens: int, cdt: torch.dtype, wdt: torch.dtype) -> tuple[int, int, str]:
     """``(bytes of the base weights, peak of the worst linear's backward, which linear)``.
 

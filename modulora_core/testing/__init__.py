@@ -1,6 +1,6 @@
 """The conformance kit for quantizer plugins.
 
-``class TestMine(QuantizerConformance): quantizer = "mine-3bit"`` in a pytest file checks a preset against
+``class TestMine(QuantizerConformance): preset = "mine-3bit"`` in a pytest file checks a preset against
 the Quantizer protocol; :func:`run_conformance` (and ``modulora plugins check NAME``) runs the same suite on
 any installed preset without writing a file.
 """

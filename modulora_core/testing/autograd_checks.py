@@ -1,7 +1,7 @@
 """Conformance checks of PEFT's LoRA/DoRA over a quantizer's QuantizedLinear: gradients, memory, fast path.
 
 A mixin of :class:`~modulora_core.testing.QuantizerConformance`; it uses that class's fixtures
-(``bound_quantizer``, ``capabilities``, ``weight_cases``) and knobs.
+(``bound_preset``, ``capabilities``, ``weight_cases``) and knobs.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from torch import nn
 
 from ..qlinear import QuantizedLinear
 from ..quantizer import Capabilities, PackedWeight, Quantizer
-from ..registry import BoundQuantizer
+from ..registry import Preset
 from .support import WeightCase, require, who
 from .weights import fit_shape, gaussian_weight, synthetic_hessian
 
@@ -73,7 +73,7 @@ class AutogradChecks:
         """float64 when the preset can materialize it (exact reference), else the reference dtype."""
         return torch.float64 if "float64" in caps.dtypes else self.ref_dtype(caps)
 
-    def small_layer(self, bq: BoundQuantizer, caps: Capabilities, dtype: torch.dtype,
+    def small_layer(self, bq: Preset, caps: Capabilities, dtype: torch.dtype,
                     chunked: bool) -> tuple[nn.Module, PackedWeight]:
         """A ``gradcheck_shape`` LoRA layer over the quantizer with random (non-zero) LoRA A and B."""
         shape = fit_shape(self.gradcheck_shape, caps.out_multiple, caps.in_multiple)
@@ -100,8 +100,8 @@ class AutogradChecks:
         return f"materialize(rows=...) in tiles of {self.chunk_rows}" if chunked else "materialize"
 
     @CHUNKED
-    def test_lora_autograd_matches_dense_reference(self, bound_quantizer, capabilities, chunked) -> None:
-        bq, caps = bound_quantizer, capabilities
+    def test_lora_autograd_matches_dense_reference(self, bound_preset, capabilities, chunked) -> None:
+        bq, caps = bound_preset, capabilities
         dt = self.compute_dtype(caps)
         layer, packed = self.small_layer(bq, caps, dt, chunked)
         g = torch.Generator().manual_seed(self.seed + 7)
@@ -131,11 +131,11 @@ class AutogradChecks:
             require(not buf.requires_grad and buf.grad is None, f"{via}: packed buffer {name} got a gradient")
 
     @CHUNKED
-    def test_lora_gradcheck_float64(self, bound_quantizer, capabilities, chunked) -> None:
+    def test_lora_gradcheck_float64(self, bound_preset, capabilities, chunked) -> None:
         if "float64" not in capabilities.dtypes:
             pytest.skip("Capabilities.dtypes has no float64, which gradcheck needs; "
                         "test_lora_autograd_matches_dense_reference compares against float64 instead")
-        bq = bound_quantizer
+        bq = bound_preset
         layer, _ = self.small_layer(bq, capabilities, torch.float64, chunked)
         g = torch.Generator().manual_seed(self.seed + 11)
         x = torch.randn(*self.gradcheck_batch, layer.in_features, generator=g, dtype=torch.float64)
@@ -153,9 +153,9 @@ class AutogradChecks:
                                  f"PEFT's LoRA over QuantizedLinear (x, lora_A, lora_B) failed in float64: {e}") from e
 
     @CHUNKED
-    def test_no_dense_weight_saved_for_backward(self, bound_quantizer, capabilities, weight_cases,
+    def test_no_dense_weight_saved_for_backward(self, bound_preset, capabilities, weight_cases,
                                                 chunked) -> None:
-        bq = bound_quantizer
+        bq = bound_preset
         case: WeightCase = max((c for c in weight_cases if c.kind == "gaussian"),
                                key=lambda c: c.shape[0] * c.shape[1])
         out_f, in_f = case.shape
@@ -182,9 +182,9 @@ class AutogradChecks:
                 f"{who(bq, self.path(capabilities, chunked))}: backward gave no gradient for x")
 
     @CHUNKED
-    def test_dora_matches_dense_reference(self, bound_quantizer, capabilities, chunked) -> None:
+    def test_dora_matches_dense_reference(self, bound_preset, capabilities, chunked) -> None:
         """PEFT's DoRA over the quantizer against the same DoRA over the materialized weight in float64."""
-        bq, caps = bound_quantizer, capabilities
+        bq, caps = bound_preset, capabilities
         dt = self.compute_dtype(caps)
         layer, packed = self.small_layer(bq, caps, dt, chunked)
         layer = quantized_lora(packed, bq.quantizer, self.lora_rank, dt, use_dora=True,
@@ -212,10 +212,10 @@ class AutogradChecks:
             err = rel_err(got, want)
             require(err <= tol, f"{via}: {name} differs from the float64 dense DoRA by relative {err:.3g} > {tol:g}")
 
-    def test_fast_path_matches_materialize(self, bound_quantizer, capabilities, weight_cases) -> None:
+    def test_fast_path_matches_materialize(self, bound_preset, capabilities, weight_cases) -> None:
         if not capabilities.fast_path:
             pytest.skip("Capabilities.fast_path is False: no matmul/matmul_T to check")
-        bq, q = bound_quantizer, bound_quantizer.quantizer
+        bq, q = bound_preset, bound_preset.quantizer
         dt = self.ref_dtype(capabilities)
         g = torch.Generator().manual_seed(self.seed + 13)
         for case in (c for c in weight_cases if c.kind == "gaussian"):

@@ -5,7 +5,7 @@ A plugin author writes::
     from modulora_core.testing import QuantizerConformance
 
     class TestMine(QuantizerConformance):
-        quantizer = "mine-3bit"
+        preset = "mine-3bit"
 
 and runs pytest. The test method names below are public API (select them with ``-k``); class attributes are
 the knobs. Checks that a preset's :class:`~modulora_core.Capabilities` rule out are skipped with a reason.
@@ -22,22 +22,22 @@ import torch
 
 from ..errors import InvalidWeightError, QuantizerConfigError
 from ..quantizer import Capabilities, PackedWeight, dtype_from_name
-from ..registry import BoundQuantizer
+from ..registry import Preset
 from .autograd_checks import AutogradChecks
-from .support import WeightCase, max_abs_diff, require, resolve_quantizer, who
+from .support import WeightCase, max_abs_diff, require, resolve_preset, who
 from .weights import fit_shape, gaussian_weight, relative_error, student_t_weight, synthetic_hessian
 
 PACKED_METADATA_KEY = "modulora.packed"
 
 
 class QuantizerConformance(AutogradChecks):
-    """Subclass it, set ``quantizer``, and pytest runs every conformance check on that preset.
+    """Subclass it, set ``preset``, and pytest runs every conformance check on that preset.
 
-    ``quantizer`` may be a preset or family name (``"rtn-4bit"``), a config object (``RTNConfig(bits=3)``),
-    or a :class:`~modulora_core.registry.BoundQuantizer` for a quantizer that is not installed.
+    ``preset`` may be a preset or family name (``"rtn-4bit"``), a config object (``RTNConfig(bits=3)``),
+    or a :class:`~modulora_core.registry.Preset` for a quantizer that is not installed.
     """
 
-    quantizer: ClassVar[Any] = None
+    preset: ClassVar[Any] = None
     # -- knobs ------------------------------------------------------------------------------------------
     shapes: ClassVar[tuple[tuple[int, int], ...]] = ((64, 128), (96, 256), (256, 64))  # wide, wide, tall
     seed: ClassVar[int] = 0
@@ -52,20 +52,20 @@ class QuantizerConformance(AutogradChecks):
     # -- fixtures ---------------------------------------------------------------------------------------
     @pytest.fixture(scope="class")
     @classmethod
-    def bound_quantizer(cls) -> BoundQuantizer:
-        return resolve_quantizer(cls.quantizer, cls.__name__)
+    def bound_preset(cls) -> Preset:
+        return resolve_preset(cls.preset, cls.__name__)
 
     @pytest.fixture(scope="class")
     @classmethod
-    def capabilities(cls, bound_quantizer: BoundQuantizer) -> Capabilities:
-        caps = bound_quantizer.capabilities()
+    def capabilities(cls, bound_preset: Preset) -> Capabilities:
+        caps = bound_preset.capabilities()
         require(isinstance(caps, Capabilities),
-                f"{who(bound_quantizer, 'capabilities')} returned {type(caps).__name__}, expected Capabilities")
+                f"{who(bound_preset, 'capabilities')} returned {type(caps).__name__}, expected Capabilities")
         return caps
 
     @pytest.fixture(scope="class")
     @classmethod
-    def weight_cases(cls, bound_quantizer: BoundQuantizer, capabilities: Capabilities) -> list[WeightCase]:
+    def weight_cases(cls, bound_preset: Preset, capabilities: Capabilities) -> list[WeightCase]:
         """Every shape (fitted to the preset's multiples) x {Gaussian, Student-t(3)}, quantized once."""
         cases = []
         for i, raw in enumerate(cls.shapes):
@@ -75,9 +75,9 @@ class QuantizerConformance(AutogradChecks):
                 w = make(shape, seed, cls.weight_std)
                 h = synthetic_hessian(shape[1], seed) if capabilities.needs_calibration else None
                 torch.manual_seed(seed)  # quantizers with random rotations draw from the global generator
-                packed = bound_quantizer.quantizer.quantize_weight(w, bound_quantizer.config, h)
+                packed = bound_preset.quantizer.quantize_weight(w, bound_preset.config, h)
                 require(isinstance(packed, PackedWeight),
-                        f"{who(bound_quantizer, 'pack')} returned {type(packed).__name__}, expected PackedWeight")
+                        f"{who(bound_preset, 'pack')} returned {type(packed).__name__}, expected PackedWeight")
                 cases.append(WeightCase(kind, shape, seed, w, h, packed))
         return cases
 
@@ -92,7 +92,7 @@ class QuantizerConformance(AutogradChecks):
             return self.devices
         return ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
 
-    def dense(self, bq: BoundQuantizer, case: WeightCase, dtype: torch.dtype) -> torch.Tensor:
+    def dense(self, bq: Preset, case: WeightCase, dtype: torch.dtype) -> torch.Tensor:
         """The whole materialized weight, shape-checked so later messages can trust it."""
         w = bq.quantizer.materialize(case.packed, dtype=dtype, device="cpu")
         require(isinstance(w, torch.Tensor) and tuple(w.shape) == case.shape,
@@ -108,8 +108,8 @@ class QuantizerConformance(AutogradChecks):
         return torch.equal(a, b) if self.atol == 0 else max_abs_diff(a, b) <= self.atol
 
     # -- materialize -------------------------------------------------------------------------------------
-    def test_materialize_shape_dtype_device(self, bound_quantizer, capabilities, weight_cases) -> None:
-        bq, q = bound_quantizer, bound_quantizer.quantizer
+    def test_materialize_shape_dtype_device(self, bound_preset, capabilities, weight_cases) -> None:
+        bq, q = bound_preset, bound_preset.quantizer
         for case in weight_cases:
             if case.kind != "gaussian":
                 continue
@@ -135,8 +135,8 @@ class QuantizerConformance(AutogradChecks):
                     require(diff <= tol, f"{who(bq, 'materialize')} in {dt} differs from {ref.dtype} by {diff:.3g} "
                             f"(> {tol:.3g} = low_precision_rtol * max|W|) for the {case}")
 
-    def test_materialize_T_matches_transpose(self, bound_quantizer, capabilities, weight_cases) -> None:
-        bq, q, dt = bound_quantizer, bound_quantizer.quantizer, self.ref_dtype(capabilities)
+    def test_materialize_T_matches_transpose(self, bound_preset, capabilities, weight_cases) -> None:
+        bq, q, dt = bound_preset, bound_preset.quantizer, self.ref_dtype(capabilities)
         for case in (c for c in weight_cases if c.kind == "gaussian"):
             w = self.dense(bq, case, dt)
             out_f, in_f = case.shape
@@ -156,8 +156,8 @@ class QuantizerConformance(AutogradChecks):
                     require(self.same(blk, w[a:b].T), f"{call} differs from materialize()[{a}:{b}].T by "
                             f"{max_abs_diff(blk, w[a:b].T):.3g} (atol {self.atol}) for the {case}")
 
-    def test_row_blocks_match_whole(self, bound_quantizer, capabilities, weight_cases) -> None:
-        bq, q, dt = bound_quantizer, bound_quantizer.quantizer, self.ref_dtype(capabilities)
+    def test_row_blocks_match_whole(self, bound_preset, capabilities, weight_cases) -> None:
+        bq, q, dt = bound_preset, bound_preset.quantizer, self.ref_dtype(capabilities)
         for case in (c for c in weight_cases if c.kind == "gaussian"):
             w = self.dense(bq, case, dt)
             out_f, in_f = case.shape
@@ -172,12 +172,12 @@ class QuantizerConformance(AutogradChecks):
                             f"{max_abs_diff(blk, w[a:b]):.3g} (atol {self.atol}) for the {case}")
 
     # -- storage -----------------------------------------------------------------------------------------
-    def test_safetensors_round_trip_is_bit_exact(self, bound_quantizer, capabilities, weight_cases,
+    def test_safetensors_round_trip_is_bit_exact(self, bound_preset, capabilities, weight_cases,
                                                  tmp_path) -> None:
         from safetensors import safe_open
         from safetensors.torch import load_file, save_file
 
-        bq, q, dt = bound_quantizer, bound_quantizer.quantizer, self.ref_dtype(capabilities)
+        bq, q, dt = bound_preset, bound_preset.quantizer, self.ref_dtype(capabilities)
         for i, case in enumerate(weight_cases):
             path = tmp_path / f"case{i}.safetensors"
             meta = json.dumps(case.packed.metadata())
@@ -201,12 +201,12 @@ class QuantizerConformance(AutogradChecks):
             require(self.same(w1, w2), f"{who(bq, 'materialize')} after pack -> safetensors -> unpack differs "
                     f"by {max_abs_diff(w1, w2):.3g} from before (atol {self.atol}) for the {case}")
 
-    def test_packed_tensors_are_plain(self, bound_quantizer, weight_cases) -> None:
-        bq = bound_quantizer
+    def test_packed_tensors_are_plain(self, bound_preset, weight_cases) -> None:
+        bq = bound_preset
         for case in weight_cases:
             p = case.packed
             require(isinstance(p.tensors, dict) and p.tensors, f"{who(bq, 'pack')} gave no tensors for the {case}")
-            require(p.quantizer == bq.family, f"{who(bq, 'pack')} set PackedWeight.quantizer={p.quantizer!r}; "
+            require(p.family == bq.family, f"{who(bq, 'pack')} set PackedWeight.family={p.family!r}; "
                     f"expected the family name {bq.family!r}")
             for key, t in p.tensors.items():
                 where = f"{who(bq, 'pack')} tensor {key!r} for the {case}"
@@ -223,18 +223,18 @@ class QuantizerConformance(AutogradChecks):
                 raise AssertionError(f"{who(bq, 'pack')}: PackedWeight.metadata() is not JSON ({e}); keep "
                                      "`extra` to str/int/float/bool/list/dict") from e
 
-    def test_reconstruction_error_gaussian(self, bound_quantizer, capabilities, weight_cases) -> None:
-        self._check_error(bound_quantizer, capabilities, weight_cases, "gaussian",
+    def test_reconstruction_error_gaussian(self, bound_preset, capabilities, weight_cases) -> None:
+        self._check_error(bound_preset, capabilities, weight_cases, "gaussian",
                           capabilities.max_relative_error, "max_relative_error")
 
-    def test_reconstruction_error_heavy_tailed(self, bound_quantizer, capabilities, weight_cases) -> None:
+    def test_reconstruction_error_heavy_tailed(self, bound_preset, capabilities, weight_cases) -> None:
         bound = capabilities.max_relative_error_heavy_tailed
         name = "max_relative_error_heavy_tailed"
         if bound is None:
             bound, name = 2 * capabilities.max_relative_error, "2 x max_relative_error (heavy-tailed default)"
-        self._check_error(bound_quantizer, capabilities, weight_cases, "student_t", bound, name)
+        self._check_error(bound_preset, capabilities, weight_cases, "student_t", bound, name)
 
-    def _check_error(self, bq: BoundQuantizer, caps: Capabilities, cases: list[WeightCase], kind: str,
+    def _check_error(self, bq: Preset, caps: Capabilities, cases: list[WeightCase], kind: str,
                      bound: float, name: str) -> None:
         limit = bound * self.error_bound_slack
         bad = []
@@ -246,16 +246,16 @@ class QuantizerConformance(AutogradChecks):
                 f"declared Capabilities.{name} = {bound:g} (x error_bound_slack {self.error_bound_slack:g}): "
                 + "; ".join(bad))
 
-    def test_bits_per_weight_within_budget(self, bound_quantizer, capabilities, weight_cases) -> None:
+    def test_bits_per_weight_within_budget(self, bound_preset, capabilities, weight_cases) -> None:
         budget = capabilities.max_bits_per_weight
         bad = [f"{c}: {c.packed.bits_per_weight():.4f}" for c in weight_cases
                if not c.packed.bits_per_weight() <= budget]
-        require(not bad, f"{who(bound_quantizer, 'pack')}: storage bits per weight (all packed tensors) above "
+        require(not bad, f"{who(bound_preset, 'pack')}: storage bits per weight (all packed tensors) above "
                 f"the declared Capabilities.max_bits_per_weight = {budget:g}: " + "; ".join(bad))
 
-    def test_packed_nbytes_matches_pack(self, bound_quantizer, weight_cases) -> None:
+    def test_packed_nbytes_matches_pack(self, bound_preset, weight_cases) -> None:
         # the memory planner sizes models by packed_nbytes alone: it must be exact, not an estimate
-        bq = bound_quantizer
+        bq = bound_preset
         sizes = {c.shape: c.packed.nbytes() for c in weight_cases}
         bad = [f"{s[0]}x{s[1]}: {got} (pack stored {n})" for s, n in sizes.items()
                if (got := bq.quantizer.packed_nbytes(s, bq.config)) != n]
@@ -263,8 +263,8 @@ class QuantizerConformance(AutogradChecks):
                 f"tensors' (the memory planner relies on it being exact): " + "; ".join(bad))
 
     # -- config ------------------------------------------------------------------------------------------
-    def test_config_json_round_trip(self, bound_quantizer, weight_cases) -> None:
-        bq, cfg, cls = bound_quantizer, bound_quantizer.config, type(bound_quantizer.quantizer).config_class
+    def test_config_json_round_trip(self, bound_preset, weight_cases) -> None:
+        bq, cfg, cls = bound_preset, bound_preset.config, type(bound_preset.quantizer).config_class
         text = cfg.to_json()
         data = json.loads(text)
         require(data.get("family") == bq.family, f"{type(cfg).__name__}.to_json() records family "
@@ -283,12 +283,12 @@ class QuantizerConformance(AutogradChecks):
         p2 = bq.quantizer.unpack(p.tensors, json.loads(json.dumps(meta)))
         require(p2.config == cfg, f"{who(bq, 'unpack')} gave config {p2.config!r}; expected {cfg!r}")
 
-    def test_rejects_invalid_config(self, bound_quantizer) -> None:
-        cls = type(bound_quantizer.quantizer).config_class
+    def test_rejects_invalid_config(self, bound_preset) -> None:
+        cls = type(bound_preset.quantizer).config_class
         cases = self.invalid_configs
         if cases is None:
             cases = ({"not_a_config_field": 1},) + (({"bits": 99},) if "bits" in cls.model_fields else ())
-        base = json.loads(bound_quantizer.config.to_json())
+        base = json.loads(bound_preset.config.to_json())
         for override in cases:
             try:
                 cls.from_json({**base, **override})
@@ -301,10 +301,10 @@ class QuantizerConformance(AutogradChecks):
                                      "config must reject what the quantizer cannot do (pydantic validators)")
 
     # -- determinism and input validation -----------------------------------------------------------------
-    def test_deterministic(self, bound_quantizer, capabilities, weight_cases) -> None:
+    def test_deterministic(self, bound_preset, capabilities, weight_cases) -> None:
         if not capabilities.deterministic:
             pytest.skip("Capabilities.deterministic is False: the packed tensors may differ between runs")
-        bq = bound_quantizer
+        bq = bound_preset
         for case in weight_cases[:2]:  # one Gaussian, one heavy-tailed
             runs = []
             for _ in range(2):
@@ -319,16 +319,16 @@ class QuantizerConformance(AutogradChecks):
                         f"{who(bq, 'quantize')} is not deterministic: packed tensor {key!r} differs between two "
                         f"runs on the same {case} under the same seed (or declare deterministic=False)")
 
-    def test_quantize_leaves_weight_unchanged(self, bound_quantizer, capabilities, weight_cases) -> None:
+    def test_quantize_leaves_weight_unchanged(self, bound_preset, capabilities, weight_cases) -> None:
         case = weight_cases[0]
         w, h = case.weight.clone(), None if case.hessian is None else case.hessian.clone()
-        bound_quantizer.quantizer.quantize_weight(w, bound_quantizer.config, h)
-        require(torch.equal(w, case.weight), f"{who(bound_quantizer, 'quantize')} modified its input weight "
+        bound_preset.quantizer.quantize_weight(w, bound_preset.config, h)
+        require(torch.equal(w, case.weight), f"{who(bound_preset, 'quantize')} modified its input weight "
                 "in place; work on a copy")
         require(h is None or torch.equal(h, case.hessian),
-                f"{who(bound_quantizer, 'quantize')} modified the Hessian in place; work on a copy")
+                f"{who(bound_preset, 'quantize')} modified the Hessian in place; work on a copy")
 
-    def _expect_invalid(self, bq: BoundQuantizer, caps: Capabilities, weight: Any, what: str,
+    def _expect_invalid(self, bq: Preset, caps: Capabilities, weight: Any, what: str,
                         in_features: int) -> None:
         # a valid Hessian of the right size, so that only the weight can be the reason to refuse
         h = synthetic_hessian(in_features, self.seed) if caps.needs_calibration else None
@@ -345,50 +345,50 @@ class QuantizerConformance(AutogradChecks):
         shape = fit_shape(self.shapes[0], caps.out_multiple, caps.in_multiple)
         return gaussian_weight(shape, self.seed, self.weight_std)
 
-    def test_rejects_wrong_ndim(self, bound_quantizer, capabilities) -> None:
+    def test_rejects_wrong_ndim(self, bound_preset, capabilities) -> None:
         w = self._valid_weight(capabilities)
         in_f = w.shape[1]
-        self._expect_invalid(bound_quantizer, capabilities, w.reshape(-1), f"a 1-D weight of shape {(w.numel(),)}",
+        self._expect_invalid(bound_preset, capabilities, w.reshape(-1), f"a 1-D weight of shape {(w.numel(),)}",
                              in_f)
-        self._expect_invalid(bound_quantizer, capabilities, w[None], f"a 3-D weight of shape {tuple(w[None].shape)}",
+        self._expect_invalid(bound_preset, capabilities, w[None], f"a 3-D weight of shape {tuple(w[None].shape)}",
                              in_f)
 
-    def test_rejects_nan(self, bound_quantizer, capabilities) -> None:
+    def test_rejects_nan(self, bound_preset, capabilities) -> None:
         w = self._valid_weight(capabilities)
         w[0, 0] = float("nan")
-        self._expect_invalid(bound_quantizer, capabilities, w, "a weight with a NaN", w.shape[1])
+        self._expect_invalid(bound_preset, capabilities, w, "a weight with a NaN", w.shape[1])
 
-    def test_rejects_inf(self, bound_quantizer, capabilities) -> None:
+    def test_rejects_inf(self, bound_preset, capabilities) -> None:
         for v in (float("inf"), float("-inf")):
             w = self._valid_weight(capabilities)
             w[-1, -1] = v
-            self._expect_invalid(bound_quantizer, capabilities, w, f"a weight with {v}", w.shape[1])
+            self._expect_invalid(bound_preset, capabilities, w, f"a weight with {v}", w.shape[1])
 
-    def test_rejects_integer_dtype(self, bound_quantizer, capabilities) -> None:
+    def test_rejects_integer_dtype(self, bound_preset, capabilities) -> None:
         w = self._valid_weight(capabilities)
         g = torch.Generator().manual_seed(self.seed)
-        self._expect_invalid(bound_quantizer, capabilities,
+        self._expect_invalid(bound_preset, capabilities,
                              torch.randint(-8, 8, w.shape, generator=g, dtype=torch.int32), "an int32 weight",
                              w.shape[1])
 
-    def test_rejects_shape_not_multiple(self, bound_quantizer, capabilities) -> None:
+    def test_rejects_shape_not_multiple(self, bound_preset, capabilities) -> None:
         caps = capabilities
         if caps.in_multiple == 1 and caps.out_multiple == 1:
             pytest.skip("Capabilities.in_multiple and out_multiple are 1: every shape is valid")
         out_f, in_f = self._valid_weight(caps).shape
         if caps.in_multiple > 1:
-            self._expect_invalid(bound_quantizer, caps, gaussian_weight((out_f, in_f + 1), self.seed),
+            self._expect_invalid(bound_preset, caps, gaussian_weight((out_f, in_f + 1), self.seed),
                                  f"in_features={in_f + 1}, not a multiple of in_multiple={caps.in_multiple}",
                                  in_f + 1)
         if caps.out_multiple > 1:
-            self._expect_invalid(bound_quantizer, caps, gaussian_weight((out_f + 1, in_f), self.seed),
+            self._expect_invalid(bound_preset, caps, gaussian_weight((out_f + 1, in_f), self.seed),
                                  f"out_features={out_f + 1}, not a multiple of out_multiple={caps.out_multiple}",
                                  in_f)
 
-    def test_requires_hessian_when_calibrated(self, bound_quantizer, capabilities) -> None:
+    def test_requires_hessian_when_calibrated(self, bound_preset, capabilities) -> None:
         if not capabilities.needs_calibration:
             pytest.skip("Capabilities.needs_calibration is False: quantize() takes no Hessian")
-        bq, w = bound_quantizer, self._valid_weight(capabilities)
+        bq, w = bound_preset, self._valid_weight(capabilities)
         for h, what in ((None, "no Hessian"), (torch.eye(w.shape[1] + 1), "a Hessian of the wrong size")):
             try:
                 bq.quantizer.quantize_weight(w, bq.config, h)

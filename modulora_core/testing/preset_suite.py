@@ -1,4 +1,4 @@
-"""The conformance suite for the preset named by ``$MODULORA_CONFORMANCE_QUANTIZER``.
+"""The conformance suite for the preset named by ``$MODULORA_CONFORMANCE_PRESET``.
 
 :func:`modulora_core.testing.run_conformance` points pytest at this module (``--pyargs``); the name is read
 when the tests run, not at import, so one process can check several presets in turn.
@@ -21,4 +21,4 @@ class _PresetFromEnv:
 
 
 class TestConformance(QuantizerConformance):
-    quantizer = _PresetFromEnv()  # type: ignore[assignment]
+    preset = _PresetFromEnv()  # type: ignore[assignment]

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from ..errors import ModuLoRAError
-from ..registry import get_quantizer
+from ..registry import get_preset
 
-ENV_VAR = "MODULORA_CONFORMANCE_QUANTIZER"
+ENV_VAR = "MODULORA_CONFORMANCE_PRESET"
 SUITE_MODULE = "modulora_core.testing.preset_suite"
 
 
@@ -23,7 +23,7 @@ def run_conformance(name: str, pytest_args: list[str] | None = None) -> int:
     ``pytest.ExitCode.USAGE_ERROR`` without running anything.
     """
     try:
-        bq = get_quantizer(name)
+        bq = get_preset(name)
     except ModuLoRAError as e:
         print(f"modulora conformance: {e}", file=sys.stderr)
         return int(pytest.ExitCode.USAGE_ERROR)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ..quantizer import PackedWeight, QuantizerConfig
-from ..registry import BoundQuantizer, get_quantizer
+from ..registry import Preset, get_preset
 
 
 @dataclass(repr=False)
@@ -28,19 +28,19 @@ class WeightCase:
     __repr__ = __str__  # pytest prints fixture values in tracebacks: not whole tensors
 
 
-def resolve_quantizer(spec: str | QuantizerConfig | BoundQuantizer | None, owner: str) -> BoundQuantizer:
-    """The :class:`BoundQuantizer` a conformance class names in its ``quantizer`` attribute."""
-    if isinstance(spec, BoundQuantizer):
+def resolve_preset(spec: str | QuantizerConfig | Preset | None, owner: str) -> Preset:
+    """The :class:`Preset` a conformance class names in its ``preset`` attribute."""
+    if isinstance(spec, Preset):
         return spec
     if spec is None or spec == "":
-        pytest.fail(f"{owner}.quantizer is not set: name an installed preset (e.g. quantizer = \"rtn-4bit\"), "
-                    "or give a QuantizerConfig or a BoundQuantizer (modulora_core.testing.preset_suite reads "
-                    "it from $MODULORA_CONFORMANCE_QUANTIZER; `modulora plugins check NAME` sets it)",
+        pytest.fail(f"{owner}.preset is not set: name an installed preset (e.g. preset = \"rtn-4bit\"), "
+                    "or give a QuantizerConfig or a Preset (modulora_core.testing.preset_suite reads "
+                    "it from $MODULORA_CONFORMANCE_PRESET; `modulora plugins check NAME` sets it)",
                     pytrace=False)
-    return get_quantizer(spec)
+    return get_preset(spec)
 
 
-def who(bq: BoundQuantizer, method: str) -> str:
+def who(bq: Preset, method: str) -> str:
     """``"'rtn-4bit': RTNQuantizer.materialize"``: the preset and the method a message is about."""
     return f"{bq.name!r}: {type(bq.quantizer).__name__}.{method}"
 

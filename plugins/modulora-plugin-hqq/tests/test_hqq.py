@@ -12,7 +12,7 @@ from hqq.core.quantize import Quantizer as HQQ  # noqa: E402
 from modulora_plugin_hqq import HQQConfig, HQQQuantizer  # noqa: E402
 from modulora_plugin_hqq.packing import CODES_PER_WORD, PACKING, packed_rows, read_codes  # noqa: E402
 
-from modulora_core import InvalidWeightError, QuantizerConfigError, available_quantizers  # noqa: E402
+from modulora_core import InvalidWeightError, QuantizerConfigError, available_presets  # noqa: E402
 from modulora_core.testing import QuantizerConformance, gaussian_weight, relative_error  # noqa: E402
 
 Q = HQQQuantizer()
@@ -36,7 +36,7 @@ def hqq_linear(w: torch.Tensor, bits: int, axis: int, compute_dtype: torch.dtype
 
 
 def test_presets_are_registered() -> None:
-    names = available_quantizers()
+    names = available_presets()
     for bits in (1, 2, 3, 4, 8):
         assert f"hqq-{bits}bit" in names
 
@@ -153,8 +153,8 @@ def test_strided_row_block_is_rejected() -> None:
 
 # -- the conformance kit, on the presets with the most distinct packings -----------------------------------
 class TestHQQ2BitConformance(QuantizerConformance):
-    quantizer = "hqq-2bit"
+    preset = "hqq-2bit"
 
 
 class TestHQQ3BitConformance(QuantizerConformance):
-    quantizer = "hqq-3bit"
+    preset = "hqq-3bit"

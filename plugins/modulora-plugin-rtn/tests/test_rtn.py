@@ -7,20 +7,20 @@ import torch
 from modulora_plugin_rtn import RTNConfig
 from modulora_plugin_rtn.bitpack import pack_codes, packed_cols, unpack_codes
 
-from modulora_core import QuantizerConfigError, get_quantizer
+from modulora_core import QuantizerConfigError, get_preset
 from modulora_core.testing import QuantizerConformance, gaussian_weight, relative_error
 
 
 class TestRTN4bit(QuantizerConformance):
-    quantizer = "rtn-4bit"
+    preset = "rtn-4bit"
 
 
 class TestRTNSymmetric3bitGroup32(QuantizerConformance):
-    quantizer = RTNConfig(bits=3, group_size=32, symmetric=True)  # a config object, not a preset name
+    preset = RTNConfig(bits=3, group_size=32, symmetric=True)  # a config object, not a preset name
 
 
 class TestRTNWholeRowGroups(QuantizerConformance):
-    quantizer = RTNConfig(bits=4, group_size=-1)
+    preset = RTNConfig(bits=4, group_size=-1)
     shapes = ((64, 128), (256, 64))
 
 
@@ -48,7 +48,7 @@ def test_bitpack_layout_is_little_endian_within_a_group() -> None:
 
 # -- scaling --------------------------------------------------------------------------------------------------
 def quantize(cfg: RTNConfig, w: torch.Tensor):
-    bq = get_quantizer(cfg)
+    bq = get_preset(cfg)
     packed = bq.quantize(w)
     return packed, bq.quantizer.materialize(packed, dtype=torch.float32)
 
@@ -89,7 +89,7 @@ def test_ragged_last_group() -> None:
     w = gaussian_weight((8, 100), seed=5)  # 100 = 64 + 36: the last group is short
     packed, q = quantize(RTNConfig(bits=4), w)
     assert q.shape == (8, 100) and packed.tensors["scales"].shape == (8, 2)
-    assert relative_error(w, q) < get_quantizer("rtn-4bit").capabilities().max_relative_error
+    assert relative_error(w, q) < get_preset("rtn-4bit").capabilities().max_relative_error
 
 
 @pytest.mark.parametrize(("data", "field"), [({"bits": 5}, "bits"), ({"group_size": 4}, "group_size")])
