@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import get_peft_model
 
 import modulora
 from modulora_core.errors import CheckpointError
@@ -29,6 +28,7 @@ from modulora_core.errors import CheckpointError
 from .console import say
 from .encoding import EncodedDataset, PadCollator, context_length, pad_id
 from .models import (
+    add_lora,
     default_quantizer,
     is_quantized,
     load_dense,
@@ -106,7 +106,7 @@ def run(job: FinetuneConfig, train: TrainConfig, *, resume: bool = False) -> dic
     torch.manual_seed(train.seed)
     lora = lora_config(base, r=job.rank, alpha=job.alpha, dropout=job.dropout, targets=job.lora_targets,
                        dora=job.dora, rslora=job.rslora)
-    model = get_peft_model(base, lora)
+    model = add_lora(base, lora)  # peft.get_peft_model
     n_trainable, _ = model.get_nb_trainable_parameters()
     say(f"task: {task.description}; {len(task.examples('train'))} training examples, {len(val)} validation "
         f"examples scored; quantizer {quantizer}; {_describe(lora)}, {n_trainable:,} trainable parameters; "

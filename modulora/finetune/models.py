@@ -191,6 +191,17 @@ def lora_config(base: Any, *, r: int = 8, alpha: float = 16.0, dropout: float = 
                       task_type="CAUSAL_LM")
 
 
+def add_lora(base: Any, lora: LoraConfig) -> PeftModel:
+    """``peft.get_peft_model(base, lora)``, without the deprecation warning PEFT's own code triggers."""
+    import warnings
+
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():  # PEFT 0.21 reads model.is_gradient_checkpointing (deprecated in transformers 5)
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(base, lora)
+
+
 def load_for_inference(model: str, adapter: str | None = None, quantizer: str | None = None, *,
                        targets: Targets = None, skip: list[str] | None = None,
                        chunk_rows: int | None = None) -> PreTrainedModel | PeftModel:
