@@ -201,7 +201,8 @@ def main() -> None:
     ap.add_argument("--n-val", type=int, default=None, help="validation examples (default: all 79)")
     ap.add_argument("--n-cal", type=int, default=16, help="calibration windows of --cal-len tokens")
     ap.add_argument("--cal-len", type=int, default=256)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's); 1 on a shared, "
+                    "busy machine, where two threads wait on each other at every op")
     ap.add_argument("--quick", action="store_true", help="10 steps, 16 validation examples, 8 calibration windows")
     ap.add_argument("--no-write", action="store_true", help="print only; do not update docs/benchmarks.md")
     a = ap.parse_args()
@@ -256,7 +257,8 @@ def main() -> None:
         f"W + ΔW re-quantized by the same quantizer, packed; (d) the quantized base with the adapter disabled. "
         f"Δ loss and ratios are against (a); logits rel. diff: relative Frobenius difference of the logits of "
         f"the first validation example against (a); finetuning gain kept by (c): (loss(d) - loss(c)) / "
-        f"(loss(d) - loss(a)). Merge s: wall seconds on 2 shared cores (for (c) with the calibration forwards); "
+        f"(loss(d) - loss(a)). Merge s: wall seconds, {torch.get_num_threads()} torch thread(s) on 2 shared "
+        f"cores (for (c) with the calibration forwards); "
         f"MiB: every parameter and buffer. Whole run: {minutes:.0f} min.\n\n" + tables(rows, dense_ref)
     )
     print(body)
@@ -265,8 +267,10 @@ def main() -> None:
 
         args = [x for x in sys.argv[1:] if x != "--no-write"]
         cmd = " ".join(["python -m benchmarks.bench_merge", *(shlex.quote(x) for x in args)])
-        # the default run is "merge" ("merge-quick"); any other setting gets a section of its own
-        extra = [x for x in args if x != "--quick"]
+        # the default run is "merge" ("merge-quick"); any other setting but the thread count gets a section
+        # of its own
+        extra = [x for i, x in enumerate(args) if x != "--quick" and x != "--threads"
+                 and not x.startswith("--threads=") and (i == 0 or args[i - 1] != "--threads")]
         name = "merge" + ("-quick" if a.quick else "") + "".join(
             "-" + re.sub(r"[^a-z0-9]+", "-", x.lower().replace("#", "sharp")).strip("-") for x in extra)
         write_data(name, cmd, {"dense_reference": dense_ref, "rows": rows})
