@@ -72,3 +72,26 @@ def test_accelerate_launch_two_processes_match_one(setup, single, tmp_path):
     env = {**ENV, "HF_HOME": str(tmp_path / "hf"), "CUDA_VISIBLE_DEVICES": ""}
     two = _finetune(launcher, tiny, data, d / "accelerate", batch=2, env=env)
     _assert_matches_single(single, two, d / "accelerate")
+
+
+def test_stop_flag_lives_where_the_backend_reduces(monkeypatch):
+    """NCCL rejects a CPU tensor in a collective: under an NCCL group the stop flag must be a CUDA tensor
+    (the old flag was always ``torch.tensor([stop])`` on the CPU), under gloo a CPU one."""
+    import torch
+
+    from modulora.finetune import train
+
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda *a, **k: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert train.collective_device() == torch.device("cuda", 1)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda *a, **k: "gloo")
+    assert train.collective_device() == torch.device("cpu")
+
+    # the callback builds its flag on that device and reduces it there (meta stands in for cuda here)
+    seen = []
+    monkeypatch.setattr(train, "collective_device", lambda: torch.device("meta"))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, op=None: seen.append(t.device))
+    with pytest.raises(Exception):  # noqa: B017 - .item() of a meta flag: the reduce already happened
+        train.GracefulStop().on_step_end(None, None, None)
+    assert seen == [torch.device("meta")]

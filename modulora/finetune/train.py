@@ -140,6 +140,14 @@ def last_checkpoint(directory: str | os.PathLike) -> Path | None:
     return Path(found)
 
 
+def collective_device() -> torch.device:
+    """Where a tensor for a collective of the default process group must live: NCCL reduces only CUDA
+    tensors (it rejects a CPU one), gloo and the others take CPU tensors."""
+    if "nccl" in str(torch.distributed.get_backend()).lower():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 class GracefulStop(TrainerCallback):
     """First Ctrl-C (SIGINT) or SIGTERM: finish the current optimizer step, save a checkpoint, stop training.
     A second Ctrl-C interrupts at once. Under DDP the processes agree (all-reduce) before stopping."""
@@ -168,7 +176,7 @@ class GracefulStop(TrainerCallback):
     def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> Any:
         stop = self.requested
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            flag = torch.tensor([int(stop)])
+            flag = torch.tensor([int(stop)], device=collective_device())
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
             stop = bool(flag.item())
         if stop:
