@@ -47,11 +47,18 @@ def base_backward(gy: torch.Tensor, q: Quantizer, packed: PackedWeight, chunk_ro
     if chunk_rows is None or chunk_rows >= out_f:
         return gy @ q.materialize(packed, dtype=gy.dtype, device=gy.device)
     g2 = gy.reshape(-1, out_f)  # (N, out)
-    gx = g2.new_zeros(g2.shape[0], in_f)  # (N, in)
+    # the sum over tiles accumulates in float32 for float16/bfloat16: rounding it to 8 or 11 bits after every
+    # tile would grow the error with the number of tiles (each tile's own product accumulates in float32)
+    low = gy.dtype in (torch.float16, torch.bfloat16)
+    gx = g2.new_zeros(g2.shape[0], in_f, dtype=torch.float32 if low else gy.dtype)  # (N, in)
     for a in range(0, out_f, chunk_rows):
         b = min(a + chunk_rows, out_f)
-        gx.addmm_(g2[:, a:b], q.materialize(packed, dtype=gy.dtype, device=gy.device, rows=slice(a, b)))
-    return gx.reshape(*gy.shape[:-1], in_f)
+        w = q.materialize(packed, dtype=gy.dtype, device=gy.device, rows=slice(a, b))  # (b - a, in)
+        if low:
+            gx.add_(g2[:, a:b] @ w)
+        else:
+            gx.addmm_(g2[:, a:b], w)
+    return gx.to(gy.dtype).reshape(*gy.shape[:-1], in_f)
 
 
 class QuantizedMatmul(torch.autograd.Function):

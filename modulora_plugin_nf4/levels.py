@@ -30,9 +30,9 @@ NESTED_BLOCKSIZE = 256  # weights per block of the 8-bit double quantization of 
 @functools.cache
 def _levels_cpu(quant_type: str) -> torch.Tensor:
     if quant_type == "nf4":
-        return torch.tensor(NF4_LEVELS, dtype=torch.float32)
+        return torch.tensor(NF4_LEVELS, dtype=torch.float32, device="cpu")
     if quant_type == "fp4":
-        raw = torch.tensor(FP4_RAW, dtype=torch.float32)
+        raw = torch.tensor(FP4_RAW, dtype=torch.float32, device="cpu")
         return raw / raw.abs().max()  # float32 division, as bitsandbytes normalizes its table
     raise ValueError(f"unknown 4-bit quant_type {quant_type!r}; expected one of {QUANT_TYPES}")
 
@@ -49,7 +49,7 @@ def levels(quant_type: str, device: torch.device | str = "cpu") -> torch.Tensor:
 
 @functools.cache
 def _byte_table_on(quant_type: str, device: torch.device) -> torch.Tensor:
-    byte = torch.arange(256)
+    byte = torch.arange(256, device="cpu")
     book = _levels_cpu(quant_type)
     return torch.stack((book[byte >> 4], book[byte & 0xF]), dim=-1).to(device)  # (256, 2)
 
@@ -83,13 +83,13 @@ def _dynamic_map_cpu() -> torch.Tensor:
     # 10^-6 .. 10^0, 2^i evenly spaced means in [0.1, 1] times the exponent, both signs; plus 0 and 1.
     values: list[float] = []
     for i in range(7):
-        edges = torch.linspace(0.1, 1.0, 2**i + 1, dtype=torch.float32)
+        edges = torch.linspace(0.1, 1.0, 2**i + 1, dtype=torch.float32, device="cpu")
         means = (edges[:-1] + edges[1:]) / 2.0  # (2^i,)
         scale = 10.0 ** (i - 6)
         values += (scale * means).tolist()
         values += (-scale * means).tolist()
     values += [0.0, 1.0]
-    return torch.tensor(sorted(values), dtype=torch.float32)  # (256,), ascending
+    return torch.tensor(sorted(values), dtype=torch.float32, device="cpu")  # (256,), ascending
 
 
 @functools.cache

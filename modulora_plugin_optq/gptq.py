@@ -86,8 +86,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, gro
     """GPTQ-quantize ``weight`` ``[out, in]`` against ``hessian`` ``[in, in]``; inputs are not modified."""
     out_f, in_f = weight.shape
     maxq = (1 << bits) - 1
+    dev = weight.device  # every tensor below lives here: a CUDA weight is quantized on its GPU
     w = weight.detach().to(torch.float32).clone()  # (out, in)
-    h = hessian.detach().to(torch.float32).clone()  # (in, in)
+    h = hessian.detach().to(device=dev, dtype=torch.float32).clone()  # (in, in)
     dead = h.diagonal() == 0  # inputs the calibration never excited: any value is free, zero is cheapest
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
@@ -106,11 +107,12 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, gro
     del h
 
     # column position -> its group, in the processing order
-    orig_col = perm if perm is not None else torch.arange(in_f)
-    col_group = orig_col // gs if static is not None else torch.arange(in_f) // gs
-    codes = torch.empty(out_f, in_f, dtype=torch.uint8)
-    scales = torch.empty(n_groups, out_f)
-    zeros = torch.empty(n_groups, out_f)
+    cols = torch.arange(in_f, device=dev)
+    orig_col = perm if perm is not None else cols
+    col_group = orig_col // gs if static is not None else cols // gs
+    codes = torch.empty(out_f, in_f, dtype=torch.uint8, device=dev)
+    scales = torch.empty(n_groups, out_f, device=dev)
+    zeros = torch.empty(n_groups, out_f, device=dev)
     if static is not None:
         scales.copy_(static[0])
         zeros.copy_(static[1])
@@ -146,10 +148,10 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, gro
         w[:, i2:].addmm_(err1, u[i1:i2, i2:], alpha=-1.0)  # and, once per block, everything after it
 
     if desc_act and static is None:
-        g_idx = torch.empty(in_f, dtype=torch.int32)
-        g_idx[perm] = (torch.arange(in_f) // gs).to(torch.int32)  # non-monotonic: groups of the order
+        g_idx = torch.empty(in_f, dtype=torch.int32, device=dev)
+        g_idx[perm] = (cols // gs).to(torch.int32)  # non-monotonic: groups of the order
     else:
-        g_idx = (torch.arange(in_f) // gs).to(torch.int32)
+        g_idx = (cols // gs).to(torch.int32)
     if perm is not None:
         inv = torch.argsort(perm)
         codes = codes[:, inv]

@@ -116,7 +116,7 @@ def packed_from_tensors(t: dict[str, torch.Tensor], cfg: OPTQConfig, zeros_forma
     t = dict(t)
     if "g_idx" not in t:  # some early checkpoints leave it out: the plain group order
         gs = cfg.group_size if cfg.group_size > 0 else k
-        t["g_idx"] = (torch.arange(k) // gs).to(torch.int32)
+        t["g_idx"] = (torch.arange(k, device=t["qweight"].device) // gs).to(torch.int32)
     if zeros_format == 2 and "qzeros" in t:  # a v2 file holds the zero points themselves
         t["qzeros"] = zeros_v2_to_v1(unpack_cols(t["qzeros"], cfg.bits, n), cfg.bits)
     check_tensors(t, cfg, shape, where)

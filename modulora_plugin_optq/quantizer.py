@@ -12,6 +12,7 @@ so a block of rows decodes from its own columns (and the qzeros words that hold 
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -29,6 +30,24 @@ from .storage import FAMILY, FORMAT_VERSION, check_tensors
 # are 1.3x these; smaller groups and asymmetric do better, whole-row groups up to 1.55x worse.
 _MEASURED = {2: (0.683, 0.765), 3: (0.293, 0.492), 4: (0.136, 0.268), 8: (0.0079, 0.0173)}
 BOUND_MARGIN = 1.3
+# g_idx -> (its version counter, "is it the plain order i // group?"): answering that reads g_idx back to the
+# host, a sync that must not happen on every forward; it is decided once per g_idx tensor and re-decided
+# only if the tensor is written in place (load_state_dict bumps _version)
+# (keyed by id with a weak reference to check identity: a WeakKeyDictionary would compare tensors with ==)
+_PLAIN_ORDER: dict[int, tuple[weakref.ref, int, bool]] = {}
+
+
+def plain_group_order(g_idx: torch.Tensor, group_size: int) -> bool:
+    """True when ``g_idx`` ``[K]`` is ``arange(K) // group_size`` with whole groups (cached per tensor)."""
+    k = g_idx.shape[0]
+    hit = _PLAIN_ORDER.get(id(g_idx))
+    if hit is not None and hit[0]() is g_idx and hit[1] == g_idx._version:
+        return hit[2]
+    plain = k % group_size == 0 and torch.equal(
+        g_idx, torch.arange(k, device=g_idx.device, dtype=g_idx.dtype) // group_size)
+    key = id(g_idx)
+    _PLAIN_ORDER[key] = (weakref.ref(g_idx, lambda _r: _PLAIN_ORDER.pop(key, None)), g_idx._version, plain)
+    return plain
 
 
 class OPTQQuantizer(Quantizer):
@@ -108,7 +127,7 @@ class OPTQQuantizer(Quantizer):
         z = zeros_v1_cols(qzeros, cfg.bits, n, a, b).to(work)  # (G, R)
         s = scales.to(work)  # (G, R)
         gs = cfg.group_size if cfg.group_size > 0 else k
-        if k % gs == 0 and torch.equal(g_idx, torch.arange(k, device=g_idx.device, dtype=g_idx.dtype) // gs):
+        if plain_group_order(t["g_idx"], gs):
             # plain group order: broadcast each group's row, no [K, R] gathers
             w3 = w.view(k // gs, gs, -1)
             w3.sub_(z[:, None]).mul_(s[:, None])

@@ -42,16 +42,16 @@ def is_prime(q: int) -> bool:
 
 def quadratic_character(q: int) -> torch.Tensor:
     """``chi[x]`` for x in ``0..q-1`` (q prime): 0 at 0, +1 for nonzero squares mod q, -1 otherwise."""
-    chi = -torch.ones(q, dtype=torch.float64)
+    chi = -torch.ones(q, dtype=torch.float64, device="cpu")
     chi[0] = 0
-    chi[torch.tensor(sorted({(x * x) % q for x in range(1, q)}), dtype=torch.long)] = 1
+    chi[torch.tensor(sorted({(x * x) % q for x in range(1, q)}), dtype=torch.long, device="cpu")] = 1
     return chi
 
 
 def jacobsthal(q: int) -> torch.Tensor:
     """``[q, q]`` Jacobsthal matrix ``Q[i, j] = chi(j - i mod q)``: antisymmetric for q = 3 (mod 4),
     symmetric for q = 1 (mod 4)."""
-    idx = torch.arange(q)
+    idx = torch.arange(q, device="cpu")
     return quadratic_character(q)[(idx[None, :] - idx[:, None]) % q]
 
 
@@ -60,9 +60,9 @@ def paley1(q: int) -> torch.Tensor:
     skew conference matrix ``S = [[0, 1^T], [-1, Q]]``."""
     if not (is_prime(q) and q % 4 == 3):
         raise InvalidWeightError(f"Paley I needs a prime q = 3 (mod 4), got q={q}")
-    s = torch.zeros(q + 1, q + 1, dtype=torch.float64)
+    s = torch.zeros(q + 1, q + 1, dtype=torch.float64, device="cpu")
     s[0, 1:], s[1:, 0], s[1:, 1:] = 1, -1, jacobsthal(q)
-    return s + torch.eye(q + 1, dtype=torch.float64)
+    return s + torch.eye(q + 1, dtype=torch.float64, device="cpu")
 
 
 def paley2(q: int) -> torch.Tensor:
@@ -71,11 +71,11 @@ def paley2(q: int) -> torch.Tensor:
     ``+-[[1, 1], [1, -1]]``."""
     if not (is_prime(q) and q % 4 == 1):
         raise InvalidWeightError(f"Paley II needs a prime q = 1 (mod 4), got q={q}")
-    c = torch.zeros(q + 1, q + 1, dtype=torch.float64)
+    c = torch.zeros(q + 1, q + 1, dtype=torch.float64, device="cpu")
     c[0, 1:], c[1:, 0], c[1:, 1:] = 1, 1, jacobsthal(q)
-    zero_blk = torch.tensor([[1.0, -1.0], [-1.0, -1.0]], dtype=torch.float64)
-    one_blk = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
-    eye = torch.eye(q + 1, dtype=torch.float64)
+    zero_blk = torch.tensor([[1.0, -1.0], [-1.0, -1.0]], dtype=torch.float64, device="cpu")
+    one_blk = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64, device="cpu")
+    eye = torch.eye(q + 1, dtype=torch.float64, device="cpu")
     return torch.kron(c, one_blk) + torch.kron(eye, zero_blk)  # C has zeros exactly on its diagonal
 
 
@@ -83,8 +83,8 @@ def sylvester(n: int) -> torch.Tensor:
     """``[n, n]`` Sylvester Hadamard matrix (entries +-1), n a power of two."""
     if n < 1 or n & (n - 1):
         raise InvalidWeightError(f"a Sylvester Hadamard matrix has a power-of-two order, got {n}")
-    h = torch.ones(1, 1, dtype=torch.float64)
-    base = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+    h = torch.ones(1, 1, dtype=torch.float64, device="cpu")
+    base = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64, device="cpu")
     while h.shape[0] < n:
         h = torch.kron(base, h)
     return h
@@ -166,7 +166,7 @@ def plan(n: int) -> HadamardPlan:
 def random_orthogonal(k: int, seed: int) -> torch.Tensor:
     """``[k, k]`` float32 orthogonal matrix, Haar-distributed from ``seed`` (QR of a Gaussian, sign-fixed)."""
     g = torch.Generator().manual_seed(seed)
-    a = torch.randn(k, k, generator=g, dtype=torch.float64)
+    a = torch.randn(k, k, generator=g, dtype=torch.float64, device="cpu")
     q, r = torch.linalg.qr(a)
     return (q * torch.sign(torch.diagonal(r))[None, :]).to(torch.float32).contiguous()
 
@@ -181,12 +181,27 @@ def factor_matrices(p: HadamardPlan, rot: torch.Tensor | None = None) -> list[to
             mats.append(rot.to(torch.float64))
         else:
             mats.append(paley(p.k))
-    return mats or [torch.ones(1, 1, dtype=torch.float64)]
+    return mats or [torch.ones(1, 1, dtype=torch.float64, device="cpu")]
 
 
 @functools.lru_cache(maxsize=32)
 def _sylvester_cached(n: int) -> torch.Tensor:
     return sylvester(n)
+
+
+def factors_on(p: HadamardPlan, rot: torch.Tensor | None, dtype: torch.dtype,
+               device: torch.device) -> list[torch.Tensor]:
+    """:func:`factor_matrices` in ``dtype`` on ``device``; the fixed (Sylvester, Paley) factors are cached per
+    (plan, dtype, device), so a call on a GPU copies nothing from the host. ``rot`` is stored with the weight,
+    on its device already."""
+    if p.random:
+        return [f.to(dtype=dtype, device=device) for f in factor_matrices(p, rot)]
+    return list(_fixed_factors_on(p, dtype, torch.device(device)))
+
+
+@functools.lru_cache(maxsize=64)
+def _fixed_factors_on(p: HadamardPlan, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
+    return tuple(f.to(dtype=dtype, device=device) for f in factor_matrices(p))
 
 
 def kron_apply(x: torch.Tensor, mats: list[torch.Tensor], transpose: bool = False) -> torch.Tensor:
@@ -213,4 +228,4 @@ def kron_apply(x: torch.Tensor, mats: list[torch.Tensor], transpose: bool = Fals
 def hadamard_matrix(n: int, rot: torch.Tensor | None = None) -> torch.Tensor:
     """The dense ``[n, n]`` orthogonal transform of size ``n`` (float64): for tests and small sizes."""
     p = plan(n)
-    return kron_apply(torch.eye(n, dtype=torch.float64), factor_matrices(p, rot)).T * p.norm
+    return kron_apply(torch.eye(n, dtype=torch.float64, device="cpu"), factor_matrices(p, rot)).T * p.norm

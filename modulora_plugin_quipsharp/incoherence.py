@@ -18,13 +18,13 @@ from .hadamard import HadamardPlan
 
 def random_signs(n: int, generator: torch.Generator) -> torch.Tensor:
     """``[n]`` float32 of +-1, uniform."""
-    return torch.randint(0, 2, (n,), generator=generator, dtype=torch.int64).to(torch.float32).mul_(2).sub_(1)
+    return torch.randint(0, 2, (n,), generator=generator, dtype=torch.int64, device="cpu").to(torch.float32).mul_(2).sub_(1)
 
 
 def pack_signs(signs: torch.Tensor) -> torch.Tensor:
     """``[n]`` +-1 (n a multiple of 8) -> ``[n / 8]`` uint8, bit ``i % 8`` of byte ``i // 8`` set for -1."""
     bits = (signs < 0).to(torch.uint8).view(-1, 8)
-    return (bits << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8).contiguous()
+    return (bits << torch.arange(8, dtype=torch.uint8, device=bits.device)).sum(-1, dtype=torch.uint8).contiguous()
 
 
 def unpack_signs(packed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -47,16 +47,18 @@ class Incoherence:
     rot_out: torch.Tensor | None = None
 
     @classmethod
-    def draw(cls, m: int, n: int, seed: int) -> Incoherence:
-        """Fresh random signs (and random factors where needed) for an ``[m, n]`` weight, from ``seed``."""
+    def draw(cls, m: int, n: int, seed: int, device: torch.device | str = "cpu") -> Incoherence:
+        """Fresh random signs (and random factors where needed) for an ``[m, n]`` weight, from ``seed``, on
+        ``device`` (drawn on the CPU generator, so the same seed gives the same signs on every device)."""
         g = torch.Generator().manual_seed(seed)
         su, sv = random_signs(n, g), random_signs(m, g)
         rots = []
         for size in (n, m):
             p = hadamard.plan(size)
-            sub_seed = int(torch.randint(0, 2**62, (1,), generator=g))
+            sub_seed = int(torch.randint(0, 2**62, (1,), generator=g, device="cpu"))
             rots.append(hadamard.random_orthogonal(p.k, sub_seed) if p.random else None)
-        return cls(su, sv, rots[0], rots[1])
+        su, sv = su.to(device), sv.to(device)
+        return cls(su, sv, *(None if r is None else r.to(device) for r in rots))
 
     @property
     def plan_in(self) -> HadamardPlan:
@@ -68,7 +70,7 @@ class Incoherence:
 
     def _mats(self, side: str, like: torch.Tensor) -> tuple[list[torch.Tensor], float]:
         p, rot = (self.plan_in, self.rot_in) if side == "in" else (self.plan_out, self.rot_out)
-        mats = [f.to(dtype=like.dtype, device=like.device) for f in hadamard.factor_matrices(p, rot)]
+        mats = hadamard.factors_on(p, rot, like.dtype, like.device)
         return mats, p.norm
 
     def _signs(self, side: str, like: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ def damp_hessian(h: torch.Tensor, damp: float) -> torch.Tensor:
     if not mean_diag > 0:
         raise InvalidWeightError(f"the Hessian's mean diagonal is {mean_diag:g}: no calibration signal reached "
                                  "this layer; it must be X^T X of real inputs (positive on the diagonal)")
-    return h + damp * mean_diag * torch.eye(h.shape[0], dtype=torch.float64)
+    return h + damp * mean_diag * torch.eye(h.shape[0], dtype=torch.float64, device=h.device)
 
 
 def block_ldl(h: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
@@ -46,7 +46,7 @@ def block_ldl(h: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
         )
     nb = n // block
     diag = c.view(nb, block, nb, block).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (nb, 8, 8) lower
-    inv = torch.linalg.solve_triangular(diag, torch.eye(block, dtype=c.dtype).expand(nb, block, block),
+    inv = torch.linalg.solve_triangular(diag, torch.eye(block, dtype=c.dtype, device=c.device).expand(nb, block, block),
                                         upper=False)
     lower = torch.einsum("ikj,kjl->ikl", c.view(n, nb, block), inv).reshape(n, n)  # (n, n) unit block-lower
     u = torch.flip(lower, (0, 1))

@@ -119,10 +119,9 @@ class QuipSharpQuantizer(Quantizer):
         if config.ldlq and hessian is None:
             raise InvalidWeightError("quip#: BlockLDLQ needs the input Hessian X^T X; pass calibration data, "
                                      "or use QuipSharpConfig(ldlq=False) for plain rounding")
-        # the encoder's many small steps suit the CPU: quantize there, return the storage on weight's device
-        device, weight = weight.device, weight.detach().cpu()
-        hessian = None if hessian is None else hessian.detach().cpu()
-        inc = Incoherence.draw(m, n, config.seed)
+        device, weight = weight.device, weight.detach()  # everything runs on the weight's device
+        hessian = None if hessian is None else hessian.detach().to(device)
+        inc = Incoherence.draw(m, n, config.seed, device)
         w_rot = inc.rotate_weight(weight)  # (m, n) float64
         rms = float(w_rot.square().mean().sqrt()) or 1.0  # an all-zero weight: any scale reproduces it
         opt_scales = (config.opt_scale,) if config.opt_scale else OPT_SCALES[config.bits]
@@ -131,12 +130,12 @@ class QuipSharpQuantizer(Quantizer):
             h = inc.rotate_hessian(ldlq.damp_hessian(hessian, config.damp))
             u = ldlq.block_ldl(h)
             if len(opt_scales) > 1:  # judged on the first rows: H_m mixed all rows, any are typical
-                cands = [float(torch.tensor(rms / o, dtype=torch.float32)) for o in opt_scales]
+                cands = [float(torch.tensor(rms / o, dtype=torch.float32, device="cpu")) for o in opt_scales]
                 best = ldlq.pick_scale(w_rot, h, u, cands, lambda x: rvq.quantize(x, config.bits)[1])
                 opt_scales = (opt_scales[best],)
-        scale = torch.tensor([rms / opt_scales[0]], dtype=torch.float32)
-        first = torch.empty(m, n // BLOCK, dtype=torch.long)
-        second = torch.empty(m, n // BLOCK, dtype=torch.long) if config.bits > 2 else None
+        scale = torch.tensor([rms / opt_scales[0]], dtype=torch.float32, device=device)
+        first = torch.empty(m, n // BLOCK, dtype=torch.long, device=device)
+        second = torch.empty(m, n // BLOCK, dtype=torch.long, device=device) if config.bits > 2 else None
         col = 0
 
         def quantize_block(x: torch.Tensor) -> torch.Tensor:  # (m, 8) -> (m, 8), recording the codes
@@ -174,7 +173,7 @@ class QuipSharpQuantizer(Quantizer):
         if m < 8 or n < BLOCK or m % 8 or n % BLOCK:
             raise InvalidWeightError(f"quip#: cannot store a {(m, n)} weight: out must be a positive multiple "
                                      f"of 8 and in of {BLOCK}")
-        return sum(math.prod(shp) * torch.empty(0, dtype=dt).element_size()
+        return sum(math.prod(shp) * torch.empty(0, dtype=dt, device="meta").element_size()
                    for dt, shp in storage_spec(config, (m, n)).values())
 
     def unpack(self, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> PackedWeight:
@@ -230,20 +229,20 @@ class QuipSharpQuantizer(Quantizer):
         b = max(a, b)
         p_in, p_out = hadamard.plan(n), hadamard.plan(m)
         t = packed.tensors
-        mats_in = hadamard.factor_matrices(p_in, t.get("rot_in"))
-        mats_out = hadamard.factor_matrices(p_out, t.get("rot_out"))
         first, second = self._codes(packed)
         k, divisor = rvq.integer_sum(first, second, packed.config.bits)  # (m, n/8, 8) integer-valued float64
-        z = hadamard.kron_apply(k.reshape(m, n), [f.to(k.device) for f in mats_in], transpose=True)  # K H_n
+        mats_in = hadamard.factors_on(p_in, t.get("rot_in"), torch.float64, k.device)
+        z = hadamard.kron_apply(k.reshape(m, n), mats_in, transpose=True)  # K H_n
         del k  # one float64 copy of the weight fewer while the output side runs
-        out_mats = [f.to(z.device) for f in mats_out]
+        out_mats = hadamard.factors_on(p_out, t.get("rot_out"), torch.float64, z.device)
         if (b - a) < sum(p_out.factors) and not (p_in.random or p_out.random):
             # a few rows: those rows of H_m^T times K H_n (exact, so equal to slicing the whole)
             h_rows = hadamard.kron_apply(torch.eye(m, dtype=torch.float64, device=z.device)[a:b], out_mats)
             y = h_rows @ z
         else:
             y = hadamard.kron_apply(z.T.contiguous(), out_mats, transpose=True).T[a:b]  # H_m^T K H_n
-        c = float(t["scale"]) * p_in.norm * p_out.norm / divisor
+        # the scale stays a tensor: float() of it would sync the host
+        c = t["scale"].to(torch.float64) * (p_in.norm * p_out.norm / divisor)
         signs_in = unpack_signs(t["su"], torch.float64).to(y.device)
         row_factor = unpack_signs(t["sv"], torch.float64).to(y.device)[a:b] * c  # exact: c times +-1
         w = y.mul_(row_factor[:, None]).mul_(signs_in[None, :])  # in place: y is ours alone
@@ -271,7 +270,7 @@ class QuipSharpQuantizer(Quantizer):
         for a in rows:
             b = min(a + rows.step, m)
             y[:, a:b] = x1 @ self.decoded(packed, slice(a, b), dt).T
-        y *= float(packed.tensors["scale"])
+        y *= packed.tensors["scale"].to(dt)  # a [1] tensor on the device: float() would sync the host
         return inc.backward(y, "out").reshape(*x.shape[:-1], m).to(x.dtype)  # (..., m): y V
 
     def matmul_T(self, grad_y: torch.Tensor, packed: PackedWeight) -> torch.Tensor:
@@ -285,7 +284,7 @@ class QuipSharpQuantizer(Quantizer):
         for a in rows:
             b = min(a + rows.step, m)
             g2.addmm_(g1[:, a:b], self.decoded(packed, slice(a, b), dt))
-        g2 *= float(packed.tensors["scale"])
+        g2 *= packed.tensors["scale"].to(dt)
         return inc.backward(g2, "in").reshape(*grad_y.shape[:-1], n).to(grad_y.dtype)  # (..., n): g U
 
 

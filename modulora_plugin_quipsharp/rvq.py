@@ -21,8 +21,8 @@ RESIDUAL_SCALE = {3: (204, 100), 4: (345, 100)}
 STAGE_BITS = {2: (16,), 3: (16, 8), 4: (16, 16)}  # bits per 8 weights of each stage's code
 
 
-@functools.lru_cache(maxsize=1)
-def e8_1bit_codebook() -> torch.Tensor:
+@functools.lru_cache(maxsize=8)
+def e8_1bit_codebook(device: torch.device = e8p.CPU) -> torch.Tensor:
     """``[256, 8]`` float32: the 241 E8 points of squared norm <= 2 (0 and the 240 roots) and 15 of the 16
     ``+-2 e_i`` (``-2 e_7`` left out). Order: by squared norm, then lexicographic."""
     pts = {(0.0,) * 8}
@@ -40,19 +40,20 @@ def e8_1bit_codebook() -> torch.Tensor:
                 v = [0.0] * 8
                 v[i] = s
                 pts.add(tuple(v))
-    return torch.tensor(sorted(pts, key=lambda p: (sum(v * v for v in p), p)), dtype=torch.float32)
+    book = torch.tensor(sorted(pts, key=lambda p: (sum(v * v for v in p), p)), dtype=torch.float32, device="cpu")
+    return book.to(device)  # cached per device
 
 
 def e8_1bit_encode(x: torch.Tensor) -> torch.Tensor:
     """``[N, 8]`` -> ``[N]`` long indices of the nearest points of :func:`e8_1bit_codebook` (brute force)."""
-    cb = e8_1bit_codebook().to(x.device)
+    cb = e8_1bit_codebook(x.device)
     score = 2 * x.to(torch.float32) @ cb.T - (cb * cb).sum(-1)  # (N, 256): -|x - c|^2 + |x|^2
     return score.argmax(-1)
 
 
 def e8_1bit_decode(idx: torch.Tensor) -> torch.Tensor:
     """``[...]`` indices (any integer dtype, uint8 included) -> ``[..., 8]`` float32 points."""
-    book = e8_1bit_codebook().to(idx.device)
+    book = e8_1bit_codebook(idx.device)
     return book.index_select(0, idx.reshape(-1).to(torch.int32)).view(*idx.shape, 8)
 
 

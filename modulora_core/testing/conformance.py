@@ -24,13 +24,14 @@ from ..errors import InvalidWeightError, QuantizerConfigError
 from ..quantizer import Capabilities, PackedWeight, dtype_from_name
 from ..registry import Preset
 from .autograd_checks import AutogradChecks
+from .device_checks import DeviceChecks
 from .support import WeightCase, max_abs_diff, require, resolve_preset, who
 from .weights import fit_shape, gaussian_weight, relative_error, student_t_weight, synthetic_hessian
 
 PACKED_METADATA_KEY = "modulora.packed"
 
 
-class QuantizerConformance(AutogradChecks):
+class QuantizerConformance(AutogradChecks, DeviceChecks):
     """Subclass it, set ``preset``, and pytest runs every conformance check on that preset.
 
     ``preset`` may be a preset or family name (``"rtn-4bit"``), a config object (``RTNConfig(bits=3)``),

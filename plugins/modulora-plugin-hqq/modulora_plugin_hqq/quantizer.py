@@ -191,12 +191,16 @@ class HQQQuantizer(Quantizer):
             if step != 1:
                 raise InvalidWeightError(f"hqq: row blocks must be contiguous (step 1), got step {step}")
             stop = max(start, stop)
+        # bfloat16 keeps 8 mantissa bits: hqq's ops in bfloat16 would round the float16 scale and zero, then
+        # the product, twice off the stored weight; work in float32 and round once (float16/32: hqq's own ops)
+        work = torch.float32 if dtype == torch.bfloat16 else dtype
         if (start, stop) == (0, out_f):
-            w = self._dequantize_whole(packed, dtype)
+            w = self._dequantize_whole(packed, work)
         elif cfg.axis == 1:
-            w = self._dequantize_rows(packed, dtype, start, stop)
+            w = self._dequantize_rows(packed, work, start, stop)
         else:  # axis 0 groups span rows: dequantize everything, keep a copy of the block, free the rest
-            w = self._dequantize_whole(packed, dtype)[start:stop].clone()
+            w = self._dequantize_whole(packed, work)[start:stop].clone()
+        w = w.to(dtype)
         return w if device is None else w.to(device)
 
     def _dequantize_whole(self, packed: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
