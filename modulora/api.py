@@ -26,6 +26,8 @@ from modulora_core import (
     quantize_model,
 )
 from modulora_core.checkpoint import checkpoint_kind, load_legacy
+from modulora_core.files import remove_stale_stages
+from modulora_core.integrity import check_finite
 from modulora_core.registry import get_registry
 
 if TYPE_CHECKING:
@@ -82,6 +84,7 @@ def _quantized_base(model: Any, preset: PresetLike | None, *, targets: Any, skip
     is_path = isinstance(model, (str, os.PathLike))
     kind = checkpoint_kind(model) if is_path else None
     if kind is not None:  # already quantized by ModuLoRA: load it packed
+        remove_stale_stages(model)  # what a killed save left behind
         if kind == "legacy":
             base = load_legacy(model, chunk_rows=chunk_rows)
         else:
@@ -119,6 +122,7 @@ def _quantized_base(model: Any, preset: PresetLike | None, *, targets: Any, skip
                                                     quantization_config=qc)
     if torch_dtype is not None:
         model = model.to(torch_dtype)
+    check_finite(model)  # one NaN norm would make every loss NaN; name it now
     quantize_model(model, bq, QuantizeOptions(targets=targets, skip=tuple(skip or ()), calibration=calibration,
                                               n_samples=n_samples, seq_len=seq_len, chunk_rows=chunk_rows))
     qc.calibration = None

@@ -24,6 +24,7 @@ from torch import nn
 from .errors import CheckpointError, ModuLoRAError, UnknownQuantizerError
 from .files import read_json, read_safetensors, staged_writes, tensors_digest
 from .hf import METHOD, ModuLoRAConfig, _check_versions, mark_quantized
+from .integrity import check_legacy_index
 from .qlinear import PACKED_PREFIX, iter_quantized_layers
 from .quantizer import PackedWeight
 from .registry import Preset, get_family, get_preset
@@ -131,6 +132,8 @@ def load_legacy(directory: str | os.PathLike, *, chunk_rows: int | None = None, 
         bq = get_preset(packed.config)
         bq = type(bq)(e.get("quantizer") or bq.name, bq.quantizer, bq.config, bq.plugin, bq.version)
         modules[name] = PackedModule(packed, bq, bias)
+    if verify:
+        check_legacy_index(index, meta, d / LEGACY_INDEX)
     cr = chunk_rows if chunk_rows is not None else index.get("chunk_rows")
     model = build_quantized_model(AutoConfig.from_pretrained(d), modules, tensors, tied=index.get("tied", {}),
                                   chunk_rows=cr, where=str(d / LEGACY_WEIGHTS))

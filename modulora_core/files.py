@@ -15,15 +15,44 @@ from typing import Any
 import safetensors
 import torch
 
+STAGE_PREFIX = ".modulora-tmp-"  # + "<pid>-<random>": the pid tells a live save from a killed one
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, under another user
+        return True
+    return True
+
+
+def remove_stale_stages(directory: str | os.PathLike) -> list[Path]:
+    """Remove the staging folders that killed saves left in ``directory`` (their process is gone, or they
+    predate pid-named folders); a save in progress in a living process is left alone. Returns the removed
+    ones; a directory we may not write to is left as it is."""
+    d = Path(directory)
+    removed = []
+    for p in d.glob(STAGE_PREFIX + "*") if d.is_dir() else ():
+        pid = p.name[len(STAGE_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and (int(pid) == os.getpid() or _alive(int(pid))):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        if not p.exists():
+            removed.append(p)
+    return removed
+
 
 @contextlib.contextmanager
 def staged_writes(directory: str | os.PathLike, last: tuple[str, ...] = ()) -> Iterator[Path]:
     """Yield a staging folder inside ``directory``; on success move every file in it over its final name
     (``os.replace``: atomic per file, same filesystem), the ``last`` ones last. On error nothing is moved,
-    so an earlier save in ``directory`` stays intact."""
+    so an earlier save in ``directory`` stays intact. Staging folders of killed saves are removed first."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".modulora-tmp-", dir=d))
+    remove_stale_stages(d)
+    stage = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{os.getpid()}-", dir=d))
     try:
         yield stage
         for name in sorted(os.listdir(stage), key=lambda n: (n in last, last.index(n) if n in last else 0)):

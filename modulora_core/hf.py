@@ -27,6 +27,7 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from . import integrity
 from .errors import CheckpointError, UnknownQuantizerError
 from .qlinear import QuantizedLinear, iter_quantized_layers
 from .quantizer import PackedWeight, QuantizerConfig, dtype_from_name, dtype_name
@@ -60,7 +61,8 @@ class ModuLoRAConfig(QuantizationConfigMixin):
                  calibration: Any = None, n_samples: int | None = None, seq_len: int | None = None,
                  chunk_rows: int | None = None, quantizer_config: dict[str, Any] | None = None,
                  modules: dict[str, Any] | None = None, plugin: str | None = None,
-                 plugin_version: str | None = None, format_version: int | None = None, **kwargs: Any) -> None:
+                 plugin_version: str | None = None, format_version: int | None = None,
+                 checksum: str | None = None, **kwargs: Any) -> None:
         self.quant_method = METHOD
         if preset is None and quantizer_config is None:
             raise UnknownQuantizerError("ModuLoRAConfig needs a preset, e.g. ModuLoRAConfig('rtn-4bit'); "
@@ -80,6 +82,7 @@ class ModuLoRAConfig(QuantizationConfigMixin):
         self.plugin_version = plugin_version or (bq.version if bq else None)
         self.format_version = format_version or (bq.quantizer.format_version if bq else None)
         self.modulora_version = kwargs.pop("modulora_version", None) or modulora_version()
+        self.checksum = checksum  # set at each save (integrity.py): ties this config to the saved weights
         kwargs.pop("quant_method", None)
         if kwargs:
             warnings.warn(f"ModuLoRAConfig ignores unknown settings {sorted(kwargs)}", stacklevel=2)
@@ -192,6 +195,8 @@ class ModuLoRAHfQuantizer(HfQuantizer):
         if not qc.modules:
             raise CheckpointError("this checkpoint's quantization_config lists no quantized modules; it was not "
                                   "saved from a ModuLoRA model")
+        # a hand-edited config.json must not decode the packed weights differently: refused before they load
+        integrity.verify_config(qc.to_dict(), getattr(model, "name_or_path", None))
         bq = self.bq
         for name, rec in qc.modules.items():
             try:
@@ -216,9 +221,12 @@ class ModuLoRAHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         qc: ModuLoRAConfig = self.quantization_config
-        if not self.pre_quantized:
+        if self.pre_quantized:  # the packed tensors as saved, checked against config.json's checksum
+            integrity.verify_tensors(model, qc.to_dict(), getattr(model, "name_or_path", None))
+        else:
             from .surgery import QuantizeOptions, quantize_model
 
+            integrity.check_finite(model, f"the model {getattr(model, 'name_or_path', '')}".rstrip())
             quantize_model(model, self.bq, QuantizeOptions(
                 targets=qc.targets, skip=tuple(qc.modules_to_not_convert), calibration=qc.calibration,
                 n_samples=qc.n_samples, seq_len=qc.seq_len, chunk_rows=qc.chunk_rows),
@@ -231,11 +239,16 @@ class ModuLoRAHfQuantizer(HfQuantizer):
         """The base's own state dict. Under PEFT layers (``get_peft_model`` wraps modules in place) the
         adapters are left out and ``<module>.base_layer.<x>`` is saved as ``<module>.<x>``, so saving the
         model inside a PeftModel writes the quantized base that ``from_pretrained`` expects."""
+        # save_pretrained calls this before it writes config.json: the checksum set here lands in both
+        qc: ModuLoRAConfig = self.quantization_config
+        record = integrity.decoding_record(qc.to_dict())
+        qc.checksum = integrity.checksum(record, integrity.quantized_tensors(model))
+        meta = {integrity.CHECKSUM_KEY: qc.checksum, integrity.RECORD_KEY: json.dumps(record, sort_keys=True)}
         state = model.state_dict()
         if not any(".base_layer." in k for k in state):
-            return None, {}
+            return None, meta
         adapter = re.compile(r"\.(lora_[A-Za-z_]+|lora_magnitude_vector)\.")
-        return {k.replace(".base_layer.", "."): v for k, v in state.items() if not adapter.search(k)}, {}
+        return {k.replace(".base_layer.", "."): v for k, v in state.items() if not adapter.search(k)}, meta
 
     @property
     def is_trainable(self) -> bool:
