@@ -21,6 +21,7 @@ from .errors import (
 from .hf import ModuLoRAConfig, ModuLoRAHfQuantizer, mark_quantized
 from .hf import register as _register_with_transformers
 from .hookspecs import hookimpl
+from .kernels import SMALL_BATCH, kernel
 from .peft_lora import QuantizedLoraLinear, register_with_peft
 from .qlinear import QuantizedLinear, iter_quantized_layers
 from .quantizer import Capabilities, PackedWeight, Quantizer, QuantizerConfig
@@ -40,6 +41,8 @@ __all__ = [
     "InvalidWeightError", "ModuLoRAError", "PackedWeight", "PluginError", "Quantizer", "QuantizerConfig",
     "QuantizerConfigError", "TargetModulesError", "UnknownQuantizerError", "available_presets",
     "get_preset", "hookimpl", "list_plugins",
+    # compiled kernels with an eager fallback, for materialize and decode paths
+    "SMALL_BATCH", "kernel",
     # the quantized base and transformers' side of it
     "ModuLoRAConfig", "ModuLoRAHfQuantizer", "QuantizedLinear", "QuantizedLoraLinear", "iter_quantized_layers", "mark_quantized",
     # model surgery, for plugins that convert models quantized elsewhere

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .kernels import SMALL_BATCH
 from .quantizer import PackedWeight, Quantizer
 
 
@@ -28,7 +29,11 @@ def base_forward(x: torch.Tensor, q: Quantizer, packed: PackedWeight, chunk_rows
     """``[..., in] -> [..., out]`` = ``x @ W^T``, materializing at most ``chunk_rows`` rows of W at once."""
     if fast:
         return q.matmul(x, packed)
-    out_f = packed.shape[0]
+    out_f, in_f = packed.shape
+    if x.numel() <= SMALL_BATCH * in_f:  # a decode step: multiply from the packed form if the plugin can
+        y = q.matmul_small(x.reshape(-1, in_f), packed)
+        if y is not None:
+            return y.reshape(*x.shape[:-1], out_f)
     if chunk_rows is None or chunk_rows >= out_f:
         return F.linear(x, q.materialize(packed, dtype=x.dtype, device=x.device))
     y = x.new_empty(*x.shape[:-1], out_f)

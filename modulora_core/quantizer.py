@@ -205,6 +205,14 @@ class Quantizer(ABC):
         """Fast path ``grad_y @ W``: ``[..., out] -> [..., in]``, without a dense W."""
         raise NotImplementedError(f"quantizer {self.name!r} has no fast path (matmul_T)")
 
+    def matmul_small(self, x: torch.Tensor, packed: PackedWeight) -> torch.Tensor | None:
+        """Decode path: ``x @ W^T`` for an ``[N, in]`` x of a few rows (``N <= SMALL_BATCH``: one generated
+        token per sequence) straight from the packed form, without a dense W; ``[N, out]`` in x's dtype.
+
+        None (the default) means "not for this weight": the caller materializes instead.
+        """
+        return None
+
     def packed_nbytes(self, shape: tuple[int, int], config: QuantizerConfig) -> int:
         """Exact bytes of the packed storage of an ``(out, in)`` weight, without the weight (memory planner).
 

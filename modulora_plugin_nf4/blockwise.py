@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from modulora_core import kernel
+
 from .levels import NESTED_BLOCKSIZE, byte_table, dynamic_map, encoder
 
 _TINY = 1e-38  # floor for a block's absmax in the division only: an all-zero block encodes as 0
@@ -101,9 +103,28 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, quant_type: str,
     ``packed[0]`` must start a block; ``absmax`` ``[>= ceil(count / blocksize)]`` holds that block's scale
     onward. ``W[i] = LEVELS[code[i]] * absmax[i // blocksize]``, one float32 product as bitsandbytes does.
     """
-    table = byte_table(quant_type, packed.device)
+    return _decode_blocks(packed, absmax, byte_table(quant_type, packed.device), blocksize, count)
+
+
+@kernel
+def _decode_blocks(packed: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor, blocksize: int,
+                   count: int) -> torch.Tensor:
+    """:func:`dequantize_4bit` with its ``[256, 2]`` byte table: one fused loop when compiled."""
     vals = table.index_select(0, packed.to(torch.int32)).view(-1)[:count]  # (count,)
     nb = num_blocks(count, blocksize)
     if count % blocksize:
         vals = torch.nn.functional.pad(vals, (0, nb * blocksize - count))
-    return vals.view(nb, blocksize).mul_(absmax[:nb, None]).view(-1)[:count]
+    return vals.view(nb, blocksize).mul_(absmax[:nb, None]).view(-1)[:count]  # in place: one dense copy
+
+
+@kernel
+def gemv_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor,
+              blocksize: int) -> torch.Tensor:
+    """``x [N, in]`` (float32 or float64) times the transpose of the 4-bit ``[out, in]`` weight whose row-major bytes are
+    ``packed`` ``[out * in / 2]``, blocks of ``blocksize`` (dividing ``in``) scaled by ``absmax``: ``[N, out]``,
+    accumulated in float32, without a dense weight (each block's dot product is scaled once)."""
+    n, k = x.shape
+    nb = k // blocksize
+    v = table.index_select(0, packed.to(torch.int32)).view(1, -1, nb, blocksize)  # (1, out, nb, bs) levels
+    part = (v.to(x.dtype) * x.view(n, 1, nb, blocksize)).sum(-1)  # (N, out, nb)
+    return (part * absmax.view(1, -1, nb).to(x.dtype)).sum(-1)  # (N, out)

@@ -32,12 +32,13 @@ from modulora_core import (
 from .blockwise import (
     dequantize_4bit,
     dequantize_absmax,
+    gemv_4bit,
     num_blocks,
     pack_nibbles,
     quantize_4bit,
     quantize_absmax,
 )
-from .levels import NESTED_BLOCKSIZE
+from .levels import NESTED_BLOCKSIZE, byte_table
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' 4-bit kernels accept
 
@@ -189,6 +190,16 @@ class NF4Quantizer(Quantizer):
             return t["absmax"][first:stop]
         return dequantize_absmax(t["absmax"][first:stop], t["absmax_scale"], t["absmax_offset"], first=first,
                                  book=t.get("absmax_code"))
+
+    def matmul_small(self, x: torch.Tensor, packed: PackedWeight) -> torch.Tensor | None:
+        """Decode path ``[N, in] -> [N, out]`` from the packed bytes (blocks must not straddle rows)."""
+        cfg: NF4Config = packed.config
+        out_f, in_f = packed.shape
+        if in_f % cfg.blocksize:
+            return None
+        absmax = self.block_absmax(packed, 0, out_f * in_f // cfg.blocksize)  # (blocks,) float32, small
+        table = byte_table(cfg.quant_type, x.device)
+        return gemv_4bit(x.to(torch.float64 if x.dtype == torch.float64 else torch.float32), packed.tensors["codes"], absmax, table, cfg.blocksize).to(x.dtype)
 
     def materialize(self, packed: PackedWeight, *, dtype: torch.dtype, device: torch.device | str | None = None,
                     rows: slice | None = None) -> torch.Tensor:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from modulora_core import Capabilities, CheckpointError, InvalidWeightError, PackedWeight, Quantizer
+from modulora_core import Capabilities, CheckpointError, InvalidWeightError, PackedWeight, Quantizer, kernel
 
 from .config import OPTQConfig
 from .gptq import GPTQResult, gptq_quantize
@@ -129,12 +129,23 @@ class OPTQQuantizer(Quantizer):
         gs = cfg.group_size if cfg.group_size > 0 else k
         if plain_group_order(t["g_idx"], gs):
             # plain group order: broadcast each group's row, no [K, R] gathers
-            w3 = w.view(k // gs, gs, -1)
-            w3.sub_(z[:, None]).mul_(s[:, None])
-        else:  # act-order g_idx (or a ragged last group): one gather per input column
-            gi = g_idx.long()
-            w.sub_(z.index_select(0, gi)).mul_(s.index_select(0, gi))
+            return _scale_groups(w, z, s, gs, dtype)
+        # act-order g_idx (or a ragged last group): one gather per input column
+        gi = g_idx.long()
+        w.sub_(z.index_select(0, gi)).mul_(s.index_select(0, gi))
         return w.to(dtype)
+
+    def matmul_small(self, x: torch.Tensor, packed: PackedWeight) -> torch.Tensor | None:
+        """Decode path ``[N, in] -> [N, out]`` from ``qweight``: 4 bits, plain group order (no act-order)."""
+        cfg: OPTQConfig = packed.config
+        n, k = packed.shape
+        gs = cfg.group_size if cfg.group_size > 0 else k
+        t = packed.tensors
+        if cfg.bits != 4 or gs % 8 or not plain_group_order(t["g_idx"], gs):
+            return None
+        work = torch.float64 if x.dtype == torch.float64 else torch.float32
+        z = zeros_v1_cols(t["qzeros"], cfg.bits, n, 0, n).to(work)  # (G, out), small
+        return _gemv_4bit(x.to(work), t["qweight"], z, t["scales"].to(work)).to(x.dtype)
 
     def materialize(self, packed: PackedWeight, *, dtype: torch.dtype, device: torch.device | str | None = None,
                     rows: slice | None = None) -> torch.Tensor:
@@ -155,6 +166,28 @@ class OPTQQuantizer(Quantizer):
         if format not in self.export_formats:
             raise CheckpointError(f"optq writes formats {self.export_formats}, not {format!r}")
         return save_gptq(model, directory, tokenizer=tokenizer)
+
+
+@kernel
+def _scale_groups(w: torch.Tensor, z: torch.Tensor, s: torch.Tensor, gs: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[K, R]`` codes (float) -> ``(codes - z) * s`` per group of ``gs`` input rows, in ``dtype``; in place
+    eagerly (one dense copy), one fused loop with the cast when compiled."""
+    k = w.shape[0]
+    w.view(k // gs, gs, -1).sub_(z[:, None]).mul_(s[:, None])
+    return w.to(dtype)
+
+
+@kernel
+def _gemv_4bit(x: torch.Tensor, qweight: torch.Tensor, z: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``x [N, K]`` times ``W^T`` from 4-bit ``qweight`` ``[K / 8, out]`` (8 codes per int32 word, along K) and
+    ``[G, out]`` zeros and scales: ``[N, out]`` in x's dtype, each group's dot product scaled once."""
+    n, k = x.shape
+    groups, out_f = s.shape
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=qweight.device).view(1, 1, 8, 1)
+    q = ((qweight.view(groups, -1, 1, out_f) >> shifts) & 0xF).to(x.dtype)  # (G, gs / 8, 8, out)
+    part = (q.unsqueeze(0) * x.view(n, groups, -1, 8, 1)).sum((2, 3))  # (N, G, out)
+    xs = x.view(n, groups, -1).sum(-1, keepdim=True)  # (N, G, 1)
+    return ((part - z * xs) * s).sum(1)  # (N, out)
 
 
 def _range(rows: slice | None, n: int) -> tuple[int, int]:

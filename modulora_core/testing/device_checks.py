@@ -39,6 +39,7 @@ class DeviceChecks:
     lora_rank: ClassVar[int]
     chunk_rows: ClassVar[int]
     ref_dtype: Any
+    fast_path_rtol: ClassVar[float]
 
     def _case(self, bq: Preset, caps: Capabilities) -> tuple[torch.Tensor, torch.Tensor | None]:
         shape = fit_shape(self.device_shape, caps.out_multiple, caps.in_multiple)
@@ -79,6 +80,26 @@ class DeviceChecks:
             y = layer(x)
             y.backward(gy)
         require(x.grad is not None, f"{who(bq, 'backward')} gave no gradient for x")
+
+    def test_matmul_small_matches_materialize(self, bound_preset, capabilities) -> None:
+        bq, q = bound_preset, bound_preset.quantizer
+        w, h = self._case(bq, capabilities)
+        torch.manual_seed(self.seed)
+        packed = q.quantize_weight(w, bq.config, h)
+        dt = self.ref_dtype(capabilities)
+        dense = q.materialize(packed, dtype=dt)  # (out, in)
+        g = torch.Generator().manual_seed(self.seed + 29)
+        for rows in (1, 3):
+            x = torch.randn(rows, w.shape[1], generator=g).to(dt)
+            if q.matmul_small(x, packed) is None:  # the warm-up call, too (per-device caches)
+                pytest.skip(f"{who(bq, 'matmul_small')} declines this weight: decode steps materialize")
+            with DeviceGuard(f"{who(bq, 'matmul_small')}", forbid_sync=True):
+                y = q.matmul_small(x, packed)
+            require(y.shape == (rows, w.shape[0]) and y.dtype == dt,
+                    f"{who(bq, 'matmul_small')} returned {tuple(y.shape)} {y.dtype}; expected {(rows, w.shape[0])} {dt}")
+            err = rel_err(y, x @ dense.T)
+            require(err <= self.fast_path_rtol, f"{who(bq, 'matmul_small')} differs from x @ materialize().T by "
+                    f"relative {err:.3g} > fast_path_rtol={self.fast_path_rtol:g} for {rows} row(s)")
 
     @LOW
     def test_low_precision_materialize_is_rounded_once(self, bound_preset, capabilities, low) -> None:

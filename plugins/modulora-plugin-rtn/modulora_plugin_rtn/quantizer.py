@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from pydantic import Field, field_validator
 
-from modulora_core import Capabilities, PackedWeight, Quantizer, QuantizerConfig
+from modulora_core import Capabilities, PackedWeight, Quantizer, QuantizerConfig, kernel
 
 from .bitpack import pack_codes, packed_cols, unpack_codes
 
@@ -104,19 +104,60 @@ class RTNQuantizer(Quantizer):
         out_f, in_f = packed.shape
         r = rows if rows is not None else slice(0, out_f)
         t = packed.tensors
-        codes = unpack_codes(t["codes"][r], cfg.bits, in_f)  # (R, in) uint8
-        scales = t["scales"][r].to(dtype)  # (R, G)
-        n = codes.shape[0]
         g = cfg.group_size if cfg.group_size > 0 else in_f
-        pad = (-in_f) % g
-        q = codes.to(dtype)
-        if pad:
-            q = torch.nn.functional.pad(q, (0, pad))
-        q = q.view(n, -1, g)  # (R, G, g)
-        # in place: a row tile costs one dense tile of memory, not three
-        if cfg.symmetric:
-            q.sub_(float((1 << cfg.bits) // 2))
-        else:
-            q.sub_(t["zeros"][r].to(dtype)[..., None])
-        w = q.mul_(scales[..., None]).view(n, -1)[:, :in_f]
+        zeros = None if cfg.symmetric else t["zeros"][r]
+        w = dequantize(t["codes"][r], t["scales"][r], zeros, cfg.bits, in_f, g, dtype)
         return w if device is None else w.to(device)
+
+    def matmul_small(self, x: torch.Tensor, packed: PackedWeight) -> torch.Tensor | None:
+        """Decode path ``[N, in] -> [N, out]`` from the packed codes: 4 bits, whole groups of even size."""
+        cfg: RTNConfig = packed.config
+        in_f = packed.shape[1]
+        g = cfg.group_size if cfg.group_size > 0 else in_f
+        if cfg.bits != 4 or in_f % g or g % 2:
+            return None
+        t = packed.tensors
+        zeros = t["scales"].new_full((1, 1), 8) if cfg.symmetric else t["zeros"]  # symmetric: zero 2^(bits-1)
+        return gemv_4bit(x.to(torch.float64 if x.dtype == torch.float64 else torch.float32), t["codes"], t["scales"], zeros).to(x.dtype)
+
+
+@kernel
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, in_f: int,
+               g: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[R, packed_cols]`` codes, ``[R, G]`` scales (and zeros; None: symmetric) -> ``[R, in_f]`` in ``dtype``.
+
+    Computed in float32 (float64 for float64) and cast once, so float16/bfloat16 round the stored weight once;
+    one fused loop when compiled.
+    """
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    q = unpack_codes(codes, bits, in_f).to(work)  # (R, in)
+    n = q.shape[0]
+    pad = (-in_f) % g
+    if pad:
+        q = torch.nn.functional.pad(q, (0, pad))
+    q = q.view(n, -1, g)  # (R, G, g)
+    # in place: a row tile costs one dense tile of memory, not three
+    if zeros is None:
+        q.sub_(float((1 << bits) // 2))
+    else:
+        q.sub_(zeros.to(work)[..., None])
+    w = q.mul_(scales.to(work)[..., None]).view(n, -1)[:, :in_f]
+    return w if work == dtype else w.to(dtype)
+
+
+@kernel
+def gemv_4bit(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """``x [N, in]`` (float32 or float64) times ``W^T`` for 4-bit codes ``[out, in / 2]`` (low nibble first) with ``[out, G]``
+    scales and zeros: ``[N, out]`` in x's dtype, each group's dot product scaled once, no dense W.
+
+    ``sum_i s (q_i - z) x_i = s (sum_i q_i x_i - z sum_i x_i)`` per group; even and odd inputs take the low
+    and high nibbles of the same byte, so the unpack is two masks, not an interleave.
+    """
+    n, k = x.shape
+    out_f, groups = scales.shape
+    h = k // groups // 2  # bytes per group
+    c = codes.view(1, out_f, groups, h)
+    xe, xo = x[:, 0::2].reshape(n, 1, groups, h), x[:, 1::2].reshape(n, 1, groups, h)
+    part = ((c & 0xF).to(x.dtype) * xe + (c >> 4).to(x.dtype) * xo).sum(-1)  # (N, out, G)
+    xs = x.view(n, 1, groups, 2 * h).sum(-1)  # (N, 1, G)
+    return ((part - zeros.to(x.dtype) * xs) * scales.to(x.dtype)).sum(-1)  # (N, out)
