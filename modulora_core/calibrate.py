@@ -11,6 +11,7 @@ are alive at any time.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -85,11 +86,15 @@ def capture_inputs(model: nn.Module, first_block: nn.Module, tokens: torch.Tenso
     return batches
 
 
-def linear_stages(block: nn.Module, prefix: str, names: list[str], batch: _Batch) -> list[list[str]]:
+def linear_stages(block: nn.Module, prefix: str, names: list[str], batch: _Batch,
+                  groups: dict[str, str] | None = None) -> list[list[str]]:
     """``names`` grouped by shared input, in call order: q/k/v, o, gate/up, down for a Llama block.
 
-    Found by running ``block`` once and noting which linears receive the very same input tensor.
+    Found by running ``block`` once and noting which linears receive the very same input tensor. Names in
+    ``groups`` (one matrix of every expert of a MoE layer) form one stage per group whatever the routing,
+    also for experts this batch routed no token to.
     """
+    groups = groups or {}
     inputs: list[tuple[torch.Tensor, list[str]]] = []
     handles = []
 
@@ -109,7 +114,24 @@ def linear_stages(block: nn.Module, prefix: str, names: list[str], batch: _Batch
     finally:
         for h in handles:
             h.remove()
-    stages = [group for _, group in inputs]
+    stages: list[list[str]] = []
+    by_group: dict[str, list[str]] = {}
+    for _, group in inputs:
+        key = groups.get(group[0]) if all(n in groups for n in group) else None
+        if key is None:
+            stages.append(group)
+        elif key in by_group:
+            by_group[key].extend(group)
+        else:
+            by_group[key] = list(group)
+            stages.append(by_group[key])
+    for n in names:  # experts that got no token from this batch join their group's stage
+        key = groups.get(n)
+        if key is not None and n not in by_group.get(key, ()):
+            if key not in by_group:
+                by_group[key] = []
+                stages.append(by_group[key])
+            by_group[key].append(n)
     seen = {n for g in stages for n in g}
     missing = [n for n in names if n not in seen]
     if missing:
@@ -118,10 +140,17 @@ def linear_stages(block: nn.Module, prefix: str, names: list[str], batch: _Batch
     return stages
 
 
-def accumulate_hessians(block: nn.Module, prefix: str, names: list[str],
-                        batches: list[_Batch]) -> dict[str, torch.Tensor]:
+def accumulate_hessians(block: nn.Module, prefix: str, names: list[str], batches: list[_Batch],
+                        groups: dict[str, str] | None = None,
+                        unrouted: list[str] | None = None) -> dict[str, torch.Tensor]:
     """``{name: X^T X / rows}`` ``[in, in]`` float32 over every batch, stopping each forward once all of
-    ``names`` have seen their input."""
+    ``names`` have seen their input.
+
+    An expert's matrix (a name in ``groups``) that no calibration token was routed to gets the mean Hessian
+    of the same matrix of the experts that got tokens (its name is appended to ``unrouted``): the best
+    guess of its input statistics, where the identity would ignore them and zero leaves it unsolvable.
+    """
+    groups = groups or {}
     sums: dict[str, torch.Tensor] = {}
     rows: dict[str, int] = dict.fromkeys(names, 0)
     seen: set[str] = set()
@@ -152,6 +181,8 @@ def accumulate_hessians(block: nn.Module, prefix: str, names: list[str],
             h.remove()
     out = {}
     for n in names:
+        if n not in sums and n in groups:
+            continue  # filled from its siblings below
         if n not in sums:
             raise CalibrationError(f"{n} received no input when its block ran on calibration data, so it has "
                                    "no Hessian; leave it out of target_modules")
@@ -160,6 +191,16 @@ def accumulate_hessians(block: nn.Module, prefix: str, names: list[str],
             raise CalibrationError(f"the calibration inputs of {n} have NaN/inf values (its Hessian is not "
                                    "finite); check the model's dtype (float16 overflows) and the calibration data")
         out[n] = h
+    for n in names:
+        if n in out:
+            continue
+        siblings = [out[s] for s in names if s in out and groups.get(s) == groups[n]]
+        if not siblings:
+            raise CalibrationError(f"no calibration token was routed to any expert of {groups[n]}, so they have "
+                                   f"no Hessian; calibrate with more samples (n_samples)")
+        out[n] = torch.stack(siblings).mean(0)
+        if unrouted is not None:
+            unrouted.append(n)
     return out
 
 
@@ -195,6 +236,10 @@ def quantize_blockwise(model: nn.Module, names: list[str], tokens: torch.Tensor,
         raise CalibrationError(f"calibration has token id {int(tokens.max())}, beyond the model's vocabulary "
                                f"of {vocab}; tokenize with the model's own tokenizer")
 
+    from .experts import expert_groups
+
+    groups = expert_groups(model, names)
+    unrouted: list[str] = []
     was_training = model.training
     model.eval()
     stage_cache: dict[tuple[str, ...], list[list[str]]] = {}
@@ -212,10 +257,10 @@ def quantize_blockwise(model: nn.Module, names: list[str], tokens: torch.Tensor,
                     elif rel in stage_cache:  # blocks of one model share their layout: detect it once
                         stages = [[prefix + r for r in s] for s in stage_cache[rel]]
                     else:
-                        stages = linear_stages(block, prefix, targets, batches[0])
+                        stages = linear_stages(block, prefix, targets, batches[0], groups)
                         stage_cache[rel] = [[n[len(prefix):] for n in s] for s in stages]
                     for stage in stages:
-                        hessians = accumulate_hessians(block, prefix, stage, batches)
+                        hessians = accumulate_hessians(block, prefix, stage, batches, groups, unrouted)
                         for n in stage:
                             quantize(n, hessians.pop(n))
                 if i < last:
@@ -223,3 +268,9 @@ def quantize_blockwise(model: nn.Module, names: list[str], tokens: torch.Tensor,
                         b.hidden = _first(b.call(block))
     finally:
         model.train(was_training)
+    if unrouted:
+        n_experts = len(groups)
+        warnings.warn(f"calibration routed no token to {len(unrouted)} of {n_experts} expert matrices (e.g. "
+                      f"{unrouted[:3]}); they were quantized with the mean Hessian of the same matrix of the "
+                      f"experts that got tokens. More calibration samples (n_samples) reach more experts",
+                      stacklevel=3)

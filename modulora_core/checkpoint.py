@@ -22,9 +22,11 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, ModuLoRAError, UnknownQuantizerError
+from .experts import unfuse_experts
 from .files import read_json, read_safetensors, staged_writes, tensors_digest
 from .hf import METHOD, ModuLoRAConfig, _check_versions, mark_quantized
 from .integrity import check_legacy_index
+from .layouts import CONV1D, is_conv1d, is_quantizable, out_in
 from .qlinear import PACKED_PREFIX, iter_quantized_layers
 from .quantizer import PackedWeight
 from .registry import Preset, get_family, get_preset
@@ -163,16 +165,18 @@ def build_quantized_model(config: PretrainedConfig, modules: Mapping[str, Packed
     other parameters come from ``tensors`` (assigned, not copied). Nothing is re-quantized. Returns the
     model frozen, in eval mode, marked quantized (``model.config.quantization_config``)."""
     model = build_empty(config, cls)
+    unfuse_experts(model)  # as quantize_model did: one module per expert matrix
     for name, pm in modules.items():
         try:
             old = model.get_submodule(name)
         except AttributeError:
             raise CheckpointError(f"{where}: module {name} is not in the {type(model).__name__} built from its "
                                   f"config") from None
-        if not isinstance(old, nn.Linear) or (old.out_features, old.in_features) != tuple(pm.packed.shape):
+        if not is_quantizable(old) or out_in(old) != tuple(pm.packed.shape):
             raise CheckpointError(f"{where}: module {name} is {old} in the model built from its config, not "
-                                  f"an nn.Linear of shape {list(pm.packed.shape)}")
-        replace_linear(model, name, pm.packed, pm.quantizer, bias=pm.bias, chunk_rows=chunk_rows)
+                                  f"a linear of shape {list(pm.packed.shape)}")
+        replace_linear(model, name, pm.packed, pm.quantizer, bias=pm.bias, chunk_rows=chunk_rows,
+                       source_layout=CONV1D if is_conv1d(old) else "linear")
     result = model.load_state_dict(tensors, strict=False, assign=True)
     if result.unexpected_keys:
         raise CheckpointError(f"{where} has tensors the model lacks: {result.unexpected_keys[:5]}")

@@ -29,6 +29,8 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from . import integrity
 from .errors import CheckpointError, UnknownQuantizerError
+from .experts import unfuse_experts
+from .layouts import is_quantizable, out_in, restore_layouts
 from .qlinear import QuantizedLinear, iter_quantized_layers
 from .quantizer import PackedWeight, QuantizerConfig, dtype_from_name, dtype_name
 from .registry import Family, Preset, get_family, get_preset
@@ -153,8 +155,11 @@ def _check_versions(fam: Family, qc: ModuLoRAConfig) -> None:
 def module_record(layer: QuantizedLinear) -> dict[str, Any]:
     """What a reload needs to rebuild ``layer``'s buffers on the meta device."""
     p = layer.packed
-    return {"shape": list(p.shape), "dtype": dtype_name(p.dtype), "has_bias": layer.bias is not None,
-            "extra": p.extra, "tensors": {k: [list(t.shape), dtype_name(t.dtype)] for k, t in p.tensors.items()}}
+    rec = {"shape": list(p.shape), "dtype": dtype_name(p.dtype), "has_bias": layer.bias is not None,
+           "extra": p.extra, "tensors": {k: [list(t.shape), dtype_name(t.dtype)] for k, t in p.tensors.items()}}
+    if layer.source_layout != "linear":
+        rec["source_layout"] = layer.source_layout
+    return rec
 
 
 def mark_quantized(model: nn.Module, qc: ModuLoRAConfig) -> nn.Module:
@@ -198,6 +203,7 @@ class ModuLoRAHfQuantizer(HfQuantizer):
         # a hand-edited config.json must not decode the packed weights differently: refused before they load
         integrity.verify_config(qc.to_dict(), getattr(model, "name_or_path", None))
         bq = self.bq
+        unfuse_experts(model)  # as quantize_model did: the checkpoint holds one entry per expert matrix
         for name, rec in qc.modules.items():
             try:
                 old = model.get_submodule(name)
@@ -211,12 +217,12 @@ class ModuLoRAHfQuantizer(HfQuantizer):
                                   dict(rec.get("extra", {})))
             bias = torch.empty(packed.shape[0], device="meta", dtype=packed.dtype) if rec["has_bias"] else None
             parent, _, leaf = name.rpartition(".")
-            if not isinstance(old, nn.Linear) or (old.out_features, old.in_features) != packed.shape:
+            if not is_quantizable(old) or out_in(old) != packed.shape:
                 raise CheckpointError(f"quantized module {name} is {old} in the model built from the config, "
-                                      f"not an nn.Linear of shape {list(packed.shape)}")
+                                      f"not a linear of shape {list(packed.shape)}")
             setattr(model.get_submodule(parent) if parent else model, leaf, QuantizedLinear(
                 packed, bq.quantizer, bias=bias, chunk_rows=qc.chunk_rows, preset=bq.name,
-                plugin_version=bq.version))
+                plugin_version=bq.version, source_layout=rec.get("source_layout", "linear")))
         return model
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
@@ -261,7 +267,7 @@ class ModuLoRAHfQuantizer(HfQuantizer):
         for name, layer in list(iter_quantized_layers(model)):
             parent, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, leaf, layer.to_dense(dtype))
-        return model
+        return restore_layouts(model)
 
 
 def register() -> None:

@@ -20,6 +20,7 @@ from .calibration_data import Calibration, calibration_tokens, resolve_calibrati
 from .checkpoint import unwrap_peft
 from .errors import AdapterError, CalibrationError
 from .hf import ModuLoRAConfig, mark_quantized
+from .layouts import restore_layouts
 from .peft_lora import QuantizedLoraLinear
 from .qlinear import QuantizedLinear, iter_quantized_layers
 
@@ -61,7 +62,8 @@ def merge_requantized(model: nn.Module, *, calibration: Any = None, n_samples: i
         packed.dtype = old.dtype
         bias = None if dense.bias is None else dense.bias.detach()
         _set(base, name, QuantizedLinear(packed, bound.quantizer, bias=bias, chunk_rows=old.chunk_rows,
-                                         preset=old.preset, plugin_version=old.plugin_version).to(old.device))
+                                         preset=old.preset, plugin_version=old.plugin_version,
+                                         source_layout=old.source_layout).to(old.device))
         del lora, dense
 
     if isinstance(cal, Calibration):
@@ -88,6 +90,7 @@ def dequantize(model: nn.Module, *, merge: bool = False) -> nn.Module:
         dense = dense.merge_and_unload() if merge else dense.unload()
     for name, layer in list(iter_quantized_layers(dense)):
         _set(dense, name, layer.to_dense(layer.dtype))
+    restore_layouts(dense)  # Conv1D weights transposed back, MoE experts fused back
     for attr in ("hf_quantizer", "quantization_method"):
         if hasattr(dense, attr):
             delattr(dense, attr)

@@ -102,11 +102,82 @@ def _dispatch_quantized(target: nn.Module, adapter_name: str, config: Any = None
     return None
 
 
+def experts_targets(peft_config: Any, model: nn.Module) -> None:
+    """Adapt ``peft_config`` in place to a model whose MoE experts are unfused (one linear per expert).
+
+    PEFT reaches fused experts through ``target_parameters`` (``"mlp.experts.gate_up_proj"``); here those
+    become the per-expert modules (``mlp.experts.<e>.gate_up_proj``), which get PEFT's usual LoRA layer.
+    """
+    from .experts import is_unfused_experts, projections
+
+    wanted = list(getattr(peft_config, "target_parameters", None) or [])
+    if not wanted:
+        return
+    found, kept = [], []
+    experts = [(n, m) for n, m in model.named_modules() if is_unfused_experts(m)]
+    for t in wanted:
+        hits = [f"{n}.{e}.{p}" for n, m in experts for p in projections(m) if f"{n}.{p}" == t
+                or f"{n}.{p}".endswith("." + t) for e in range(m._modulora_num_experts)]
+        (found if hits else kept).append(t)
+        peft_config.target_modules = sorted({*_as_set(peft_config.target_modules), *hits}) if hits else \
+            peft_config.target_modules
+    peft_config.target_parameters = kept or None
+
+
+def _as_set(target_modules: Any) -> set[str]:
+    if target_modules is None:
+        return set()
+    if isinstance(target_modules, str):
+        raise ValueError(f"target_modules={target_modules!r} is a regex; with target_parameters on MoE experts, "
+                         f"give target_modules as a list of names")
+    return set(target_modules)
+
+
+def _patch_moe_config_conversion() -> None:
+    """PEFT rewrites the targets and adapter keys of some MoE models for transformers 5's fused experts
+    (``down_proj`` moves to ``target_parameters``, ``experts.<e>.down_proj`` keys get fused). A ModuLoRA
+    model's experts are unfused modules, so the rewrite would drop them: skip it there, and map
+    ``target_parameters`` on experts to the per-expert modules instead."""
+    try:
+        from peft.utils import transformers_weight_conversion as conv
+    except ImportError:  # an older PEFT: no rewrite to undo
+        return
+    original = conv.convert_peft_config_for_transformers
+
+    @functools.wraps(original)
+    def convert(peft_config: Any, model: nn.Module, conversions: Any = None) -> None:
+        from .experts import is_unfused_experts
+
+        if any(is_unfused_experts(m) for m in model.modules()):
+            experts_targets(peft_config, model)
+            return None
+        return original(peft_config, model=model, conversions=conversions)
+
+    conv.convert_peft_config_for_transformers = convert
+    original_sd = getattr(conv, "convert_peft_adapter_state_dict_for_transformers", None)
+    if original_sd is None:
+        return
+
+    @functools.wraps(original_sd)
+    def convert_state_dict(model: nn.Module, peft_config: Any, adapter_state_dict: dict[str, Any],
+                           adapter_name: str = "default") -> dict[str, Any]:
+        from .experts import is_unfused_experts
+
+        # per-expert adapter keys (experts.<e>.down_proj.lora_A) would be taken for transformers 4 keys
+        if any(is_unfused_experts(m) for m in model.modules()):
+            return adapter_state_dict
+        return original_sd(model=model, peft_config=peft_config, adapter_state_dict=adapter_state_dict,
+                           adapter_name=adapter_name)
+
+    conv.convert_peft_adapter_state_dict_for_transformers = convert_state_dict
+
+
 def register_with_peft() -> None:
     """Make PEFT build :class:`QuantizedLoraLinear` for every QuantizedLinear target (idempotent)."""
     global _REGISTERED
     if _REGISTERED:
         return
+    _patch_moe_config_conversion()
     original = LoraModel._create_new_module
 
     @functools.wraps(original)

@@ -41,7 +41,7 @@ class QuantizedLinear(nn.Linear):
 
     def __init__(self, packed: PackedWeight, quantizer: Quantizer, *, bias: torch.Tensor | None = None,
                  chunk_rows: int | None = None, preset: str | None = None,
-                 plugin_version: str | None = None) -> None:
+                 plugin_version: str | None = None, source_layout: str = "linear") -> None:
         nn.Module.__init__(self)  # not nn.Linear's: it would allocate a dense weight
         self.quantizer = quantizer
         self.preset = preset or quantizer.name
@@ -55,6 +55,8 @@ class QuantizedLinear(nn.Linear):
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
         self.chunk_rows = check_chunk_rows(chunk_rows)
         self.use_fast_path = quantizer.capabilities(packed.config).fast_path
+        # "conv1d": it replaced a GPT-2 Conv1D; a dense export transposes the weight back
+        self.source_layout = source_layout
 
     # -- the packed weight ---------------------------------------------------------------------------
     @property
@@ -105,12 +107,14 @@ class QuantizedLinear(nn.Linear):
         dense.weight = nn.Parameter(w, requires_grad=False)
         if self.bias is not None:
             dense.bias = nn.Parameter(self.bias.detach().clone().to(w.dtype), requires_grad=False)
+        if self.source_layout != "linear":
+            dense.source_layout = self.source_layout  # modulora_core.layouts.restore_layouts reads it
         return dense
 
     def quant_metadata(self) -> dict[str, Any]:
         """What a checkpoint records about this layer's packed weight."""
         return {**self._meta, "preset": self.preset, "plugin_version": self.plugin_version,
-                "has_bias": self.bias is not None}
+                "has_bias": self.bias is not None, "source_layout": self.source_layout}
 
     # -- compute ----------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in)

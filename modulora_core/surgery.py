@@ -18,7 +18,10 @@ from torch import nn
 
 from .calibrate import decoder_blocks, quantize_blockwise
 from .calibration_data import Calibration, calibration_tokens, resolve_calibration
+from .coverage import warn_dense
 from .errors import CalibrationError, CheckpointError, ModuLoRAError, TargetModulesError
+from .experts import unfuse_experts
+from .layouts import CONV1D, is_conv1d, is_quantizable, is_router, linear_weight, matches_target
 from .qlinear import QuantizedLinear, iter_quantized_layers
 from .quantizer import PackedWeight, Quantizer
 from .registry import Preset, get_preset
@@ -30,30 +33,25 @@ Targets = list[str] | str | None  # PEFT semantics: suffixes, a regex, "all-line
 
 
 # -- choosing modules ---------------------------------------------------------------------------------------
-def matches_target(name: str, target_modules: list[str] | str) -> bool:
-    """PEFT semantics: a list matches by name or ``.``-suffix, a string is a regex for ``re.fullmatch``."""
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
-    return any(name == t or name.endswith("." + t) for t in target_modules)
-
-
 def select_targets(model: nn.Module, targets: Targets, skip: Iterable[str] = ()) -> list[str]:
-    """Names of the ``nn.Linear`` modules to quantize, minus those matching ``skip`` (suffixes).
+    """Names of the linear modules to quantize, minus those matching ``skip`` (suffixes).
 
-    ``targets`` None: every linear of the decoder blocks (never embeddings or the LM head);
-    ``"all-linear"``: every linear but the LM head (PEFT's meaning). ``TargetModulesError`` when none match.
+    Linear modules: ``nn.Linear``, GPT-2's ``Conv1D`` and, once :func:`unfuse_experts` ran, each expert's
+    matrices. ``targets`` None: every linear of the decoder blocks but MoE routers (never embeddings or the
+    LM head); ``"all-linear"``: every linear but routers and the LM head (PEFT's meaning, routers aside).
+    ``TargetModulesError`` when none match.
     """
-    linears = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    linears = [n for n, m in model.named_modules() if is_quantizable(m)]
     if targets is None:
         blocks = decoder_blocks(model)
         if blocks is None:
             raise TargetModulesError(
                 f"found no decoder-block ModuleList in {type(model).__name__}; pass targets=[...] naming "
                 f"linears such as {linears[:6]}")
-        names = [n for n in linears if n.startswith(blocks + ".")]
+        names = [n for n in linears if n.startswith(blocks + ".") and not is_router(n)]
     elif targets == "all-linear":
         out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        names = [n for n in linears if model.get_submodule(n) is not out]
+        names = [n for n in linears if model.get_submodule(n) is not out and not is_router(n)]
     else:
         try:
             names = [n for n in linears if matches_target(n, targets)]
@@ -123,14 +121,15 @@ def check_no_meta(model: nn.Module, what: str, error: type[Exception] = Checkpoi
 # -- swapping layers ------------------------------------------------------------------------------------------
 def replace_linear(model: nn.Module, name: str, packed: PackedWeight, quantizer: Quantizer | Preset, *,
                    bias: torch.Tensor | None = None, chunk_rows: int | None = None, preset: str | None = None,
-                   plugin_version: str | None = None) -> QuantizedLinear:
-    """Put a QuantizedLinear over ``packed`` (``[out, in]``) in place of module ``name``; returns it."""
+                   plugin_version: str | None = None, source_layout: str = "linear") -> QuantizedLinear:
+    """Put a QuantizedLinear over ``packed`` (``[out, in]``) in place of module ``name``; returns it.
+    ``source_layout="conv1d"`` when it replaces a GPT-2 ``Conv1D``."""
     if isinstance(quantizer, Preset):
         preset, plugin_version, quantizer = preset or quantizer.name, plugin_version or quantizer.version, \
             quantizer.quantizer
     parent_name, _, leaf = name.rpartition(".")
     layer = QuantizedLinear(packed, quantizer, bias=bias, chunk_rows=chunk_rows, preset=preset,
-                            plugin_version=plugin_version)
+                            plugin_version=plugin_version, source_layout=source_layout)
     setattr(model.get_submodule(parent_name) if parent_name else model, leaf, layer.to(packed.device))
     return layer
 
@@ -138,11 +137,12 @@ def replace_linear(model: nn.Module, name: str, packed: PackedWeight, quantizer:
 def _swap_in(model: nn.Module, name: str, bq: Preset, chunk_rows: int | None,
              hessian: torch.Tensor | None) -> None:
     old = model.get_submodule(name)
-    weight = old.weight.detach()  # (out, in)
-    packed = bq.quantize(weight.to(torch.float32), hessian)
+    weight = linear_weight(old)  # (out, in); a transposed view for Conv1D and some experts
+    packed = bq.quantize(weight.to(torch.float32).contiguous(), hessian)
     packed.dtype = weight.dtype  # remember the model's dtype (export, dequantize), not the compute one
     replace_linear(model, name, packed, bq, chunk_rows=chunk_rows,
-                   bias=None if old.bias is None else old.bias.detach())
+                   bias=None if old.bias is None else old.bias.detach(),
+                   source_layout=CONV1D if is_conv1d(old) else "linear")
     del old, weight  # the last reference to the dense weight (unless tied): peak memory stays one layer
 
 
@@ -170,6 +170,7 @@ def quantize_model(model: PreTrainedModel, preset: str | Any, opts: QuantizeOpti
     bq = preset if isinstance(preset, Preset) else get_preset(preset)
     if any(True for _ in iter_quantized_layers(model)):
         raise ModuLoRAError("model already has quantized layers; quantize the dense model instead")
+    unfuse_experts(model)  # MoE experts: one linear per expert matrix, over views of the fused storage
     cal = resolve_calibration(bq.name, bq.capabilities().needs_calibration, opts.calibration, opts.n_samples,
                               opts.seq_len)
     names = select_targets(model, opts.targets, opts.skip)
@@ -188,4 +189,5 @@ def quantize_model(model: PreTrainedModel, preset: str | Any, opts: QuantizeOpti
     if any(f"{n}.weight" in tied_before for n in names) and hasattr(model.config, "tie_word_embeddings"):
         # a quantized lm_head no longer shares the embedding's storage: stop transformers retying them
         model.config.tie_word_embeddings = False
+    warn_dense(model, skip=opts.skip)
     return names
