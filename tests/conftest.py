@@ -13,6 +13,15 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct's checkpoint directory, converted on first use (once per machine: cached, and
+    safe when xdist workers race), so a test that needs it never depends on which test ran first."""
+    from modulora.finetune.pretrained import smollm2_dir
+
+    return smollm2_dir()
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for a module of tiny-model tests (``pytestmark = pytest.mark.usefixtures(...)``):

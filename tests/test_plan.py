@@ -96,12 +96,8 @@ def test_tied_embeddings_counted_once_and_shapes_from_a_config_dir(tmp_path) -> 
         assert shapes.dense_params["model.layers.0.mlp.down_proj.weight"] == 128 * 352
 
 
-def test_builtin_smollm2_matches_the_real_config() -> None:
-    from modulora.finetune.pretrained import cache_dir
-
-    real = cache_dir() / "smollm2-135m-instruct"
-    if not (real / "config.json").is_file():
-        pytest.skip("the SmolLM2 checkpoint is not converted on this machine")
+def test_builtin_smollm2_matches_the_real_config(smollm2) -> None:
+    real = smollm2
     a, b = model_shapes(model_config(real), None), model_shapes(model_config("smollm2-135m"), None)
     assert a.n_params == b.n_params and a.targets == b.targets
     assert (a.num_kv_heads, a.head_dim, a.vocab_size) == (b.num_kv_heads, b.head_dim, b.vocab_size)

@@ -419,18 +419,14 @@ def test_solver_matches_gptqmodels_on_the_same_hessian(reference, bits, desc_act
 
 
 # -- the real model ------------------------------------------------------------------------------------------
-def test_smollm2_block_0_beats_round_to_nearest_on_real_activations():
+def test_smollm2_block_0_beats_round_to_nearest_on_real_activations(smollm2):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from modulora.finetune.data import docstring_splits
-    from modulora.finetune.pretrained import SMOLLM2_NAME, cache_dir
     from modulora_core.calibrate import quantize_blockwise
     from modulora_core.calibration_data import Calibration, calibration_tokens
 
-    d = cache_dir() / SMOLLM2_NAME
-    if not (d / "model.safetensors").is_file():
-        pytest.skip(f"SmolLM2 is not converted in {cache_dir()} (set MODULORA_CACHE, or run "
-                    "modulora.finetune.pretrained.smollm2_dir() once); the unit suite does not download it")
+    d = smollm2
     tok = AutoTokenizer.from_pretrained(d)
     text = "\n\n".join(x.doc for x in docstring_splits()["train"][:60])
     cal = Calibration([text], n_samples=8, seq_len=128, tokenizer=tok, progress=False)
