@@ -1,0 +1,199 @@
+"""Any Hugging Face causal LM: tiny random models of 19 transformers architectures, dense, Conv1D (GPT-2)
+and mixture-of-experts (fused 3-D experts), each quantized, finetuned, generated from, saved and reloaded."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import modulora
+from modulora import QuantizedLinear
+from modulora_core.coverage import coverage
+from modulora_core.experts import is_unfused_experts
+from modulora_core.peft_lora import QuantizedLoraLinear
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+VOCAB = 96
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+              eos_token_id=2, tie_word_embeddings=False)
+MOE = dict(num_local_experts=4, num_experts=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=48)
+ARCHS: dict[str, dict] = {
+    "llama": {}, "mistral": {}, "qwen2": {}, "qwen3": {}, "gemma": {}, "gemma2": {}, "gemma3_text": {},
+    "phi": {}, "phi3": {}, "starcoder2": {}, "gpt_neox": {},
+    "opt": dict(ffn_dim=96, word_embed_proj_dim=64),
+    "falcon": dict(head_dim=None, num_key_value_heads=None, new_decoder_architecture=True, num_kv_heads=2),
+    "bloom": dict(n_layer=2, n_head=4),
+    "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=64, n_inner=96),
+    "mixtral": MOE, "qwen3_moe": MOE, "gpt_oss": MOE,
+    "deepseek_v3": dict(MOE, head_dim=None, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
+                        qk_nope_head_dim=8, v_head_dim=16, first_k_dense_replace=1, n_group=1, topk_group=1,
+                        n_shared_experts=1),
+}
+MOE_ARCHS = {"mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3"}
+
+
+def tiny(arch: str, seed: int = 0) -> nn.Module:
+    kw = {**COMMON, **ARCHS[arch]}
+    kw = {k: v for k, v in kw.items() if v is not None}
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **kw))
+    return model.float().eval()
+
+
+@pytest.fixture(scope="module")
+def ids() -> torch.Tensor:
+    return torch.randint(3, VOCAB, (4, 24), generator=torch.Generator().manual_seed(1))
+
+
+def train(model: nn.Module, ids: torch.Tensor, steps: int = 5) -> list[float]:
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_architecture_quantize_train_generate_save_reload(arch, ids, tmp_path):
+    model = tiny(arch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a dense-weights warning would fail the test
+        pm = modulora.load(model, "rtn-4bit")
+    base = pm.get_base_model()
+    cov = coverage(base)
+    assert cov.dense == {}, f"{arch}: decoder matrices left dense: {sorted(cov.dense)}"
+    assert cov.fraction_of_quantizable == 1.0
+    assert all("gate" in n.rsplit(".", 2)[-2] or "router" in n for n in cov.by_design), cov.by_design
+    if arch in MOE_ARCHS:
+        assert any(is_unfused_experts(m) for m in base.modules())
+        experts = [n for n, m in base.named_modules() if isinstance(m, QuantizedLinear) and ".experts." in n]
+        assert len(experts) >= 2 * 4, f"{arch}: expected each expert's two matrices packed, got {experts[:4]}"
+        assert any(isinstance(m, QuantizedLoraLinear) and ".experts." in n for n, m in pm.named_modules())
+
+    losses = train(pm, ids)
+    assert losses[-1] < losses[0], f"{arch}: loss did not fall: {losses}"
+    out = pm.generate(input_ids=ids[:1, :5], attention_mask=torch.ones_like(ids[:1, :5]), max_new_tokens=4,
+                      do_sample=False)
+    assert out.shape == (1, 9)
+
+    modulora.save_quantized(pm, tmp_path / "base")
+    pm.save_pretrained(tmp_path / "adapter")
+    again = PeftModel.from_pretrained(modulora.load(tmp_path / "base", lora=None), tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, pm(input_ids=ids).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "mixtral", "gpt_oss"])
+def test_dense_export_restores_the_stock_layout(arch, ids, tmp_path):
+    """Merged and dequantized, a GPT-2 gets its Conv1D back (c_proj is square: a missed transpose would load
+    silently wrong) and a MoE model its fused 3-D experts; stock transformers reloads the same function."""
+    pm = modulora.load(tiny(arch), "rtn-4bit")
+    train(pm, ids, steps=2)
+    dense = modulora.dequantize(pm, merge=True)
+    dense.save_pretrained(tmp_path / "dense")
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    assert not any(isinstance(m, QuantizedLinear) or is_unfused_experts(m) for m in stock.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(stock(input_ids=ids).logits, pm(input_ids=ids).logits, rtol=0, atol=1e-4)
+
+
+def test_conv1d_quantizes_the_transposed_weight(ids):
+    """8 bits: the quantized GPT-2 must compute what the dense one does (a wrong transpose would not)."""
+    dense = tiny("gpt2")
+    with torch.no_grad():
+        ref = dense(input_ids=ids).logits
+    q = modulora.load(tiny("gpt2"), "rtn-8bit", lora=None)
+    layer = q.transformer.h[0].attn.c_attn
+    assert isinstance(layer, QuantizedLinear) and layer.source_layout == "conv1d"
+    assert (layer.out_features, layer.in_features) == (3 * 64, 64)
+    with torch.no_grad():
+        got = q(input_ids=ids).logits
+    assert float((got - ref).norm() / ref.norm()) < 0.02
+
+
+def test_moe_experts_are_dense_one_at_a_time(ids, monkeypatch):
+    """Forward keeps no materialized expert alive for backward, and backward materializes one at a time."""
+    pm = modulora.load(tiny("mixtral"), "rtn-4bit")
+    layer = next(m for n, m in pm.named_modules() if isinstance(m, QuantizedLinear) and ".experts." in n)
+    cls = type(layer.quantizer)
+    alive: set[int] = set()
+    peak = [0]
+    original = cls.materialize
+
+    def tracked(self, *a, **k):
+        w = original(self, *a, **k)
+        key = id(w)
+        alive.add(key)
+        peak[0] = max(peak[0], len(alive))
+        import weakref
+        weakref.finalize(w, alive.discard, key)
+        return w
+
+    monkeypatch.setattr(cls, "materialize", tracked)
+    pm.train()
+    loss = pm(input_ids=ids, labels=ids).loss
+    assert not alive, f"{len(alive)} materialized weights outlive the forward"
+    assert peak[0] == 1
+    peak[0] = 0
+    loss.backward()
+    assert not alive and peak[0] == 1
+
+
+def test_calibrated_moe_gets_per_expert_hessians_and_reports_unrouted_experts(ids):
+    """optq on Mixtral: each expert is calibrated on its routed tokens; a router that sends every token to
+    experts 0 and 1 leaves 2 and 3 without tokens, and the run says so instead of failing or guessing silently."""
+    model = tiny("mixtral")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.zero_()  # equal logits: top-2 picks experts 0 and 1
+    with pytest.warns(UserWarning, match=r"routed no token to 8 of 16 expert matrices"):
+        q = modulora.load(model, "optq-4bit", lora=None, calibration=[ids[i] for i in range(4)])
+    assert sum(isinstance(m, QuantizedLinear) for n, m in q.named_modules() if ".experts." in n) == 16
+
+
+def test_target_parameters_on_experts_become_per_expert_lora(ids):
+    """PEFT's way to reach fused experts (``target_parameters``) lands on the unfused per-expert modules."""
+    base = modulora.load(tiny("qwen3_moe"), "rtn-4bit", lora=None)
+    pm = get_peft_model(base, LoraConfig(r=4, target_modules=[], target_parameters=["mlp.experts.down_proj"]))
+    adapted = [n for n, m in pm.named_modules() if isinstance(m, QuantizedLoraLinear)]
+    assert len(adapted) == 2 * 4 and all(n.endswith("down_proj") and ".experts." in n for n in adapted)
+    losses = train(pm, ids, steps=4)
+    assert losses[-1] < losses[0]
+
+
+class Scaled(nn.Module):
+    """A layer type no quantizer knows: ``x W^T * s``."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(linear.weight.detach().clone())
+        self.s = nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight) * self.s
+
+
+def test_unknown_layer_type_is_named_with_its_share():
+    model = tiny("llama")
+    model.model.layers[0].mlp.down_proj = Scaled(model.model.layers[0].mlp.down_proj)
+    with pytest.warns(UserWarning, match=r"1 decoder-block matrices stay dense \(\d+\.\d% .*\['Scaled'\].*"
+                                         r"layers\.0\.mlp\.down_proj\.weight"):
+        q = modulora.load(model, "rtn-4bit", lora=None)
+    cov = coverage(q)
+    assert list(cov.dense) == ["model.layers.0.mlp.down_proj.weight"] and 0 < cov.fraction < 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        modulora.load(tiny("llama"), "rtn-4bit", lora=None, modules_to_not_convert=["o_proj"])
