@@ -218,7 +218,8 @@ def test_adapter_with_a_bad_shape_a_missing_module_or_a_corrupted_file(trained, 
     tensors = safetensors.torch.load_file(d / ADAPTER_WEIGHTS)
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
     safetensors.torch.save_file({**tensors, key: torch.zeros(4, 32)}, tmp_path / ADAPTER_WEIGHTS)
-    with pytest.raises(RuntimeError, match=r"size mismatch for .*layers\.0\.self_attn\.q_proj\.lora_A"):
+    with pytest.raises(modulora.AdapterError,
+                       match=r"does not fit this model \(size mismatch for .*layers\.0\.self_attn\.q_proj\.lora_A"):
         modulora.load_adapter(base(), tmp_path)  # PEFT's own message, which names the module
     del tensors[key.replace("lora_A", "lora_B")], tensors[key]
     safetensors.torch.save_file(tensors, tmp_path / ADAPTER_WEIGHTS)

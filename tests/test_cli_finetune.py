@@ -6,24 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from modulora.finetune.tiny import tiny_llama_dir
+from modulora.finetune.tiny import interrupt_modulora, run_modulora, tiny_llama_dir
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "TRANSFORMERS_VERBOSITY": "error"}
-
-
-def modulora(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, "-m", "modulora", *map(str, args)], capture_output=True, text=True,
-                       env=ENV, timeout=timeout)
-    if check and p.returncode != 0:
-        raise AssertionError(f"modulora {' '.join(map(str, args))} exited {p.returncode}:\n{p.stderr[-3000:]}")
-    return p
+modulora = run_modulora
 
 
 @pytest.fixture(scope="module")
@@ -164,19 +153,11 @@ def test_bad_input(kind, tiny, data, tmp_path):
 
 def test_ctrl_c_leaves_a_resumable_checkpoint(tiny, data, tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "modulora", "finetune", "--model", str(tiny), "--quantizer", "rtn-4bit",
-           "--data", str(data), "--out", str(out), "--max-steps", "100000", "--batch-size", "2",
-           "--eval-size", "0", "--logging-steps", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
-    try:
-        for line in proc.stdout:  # the Trainer logs a loss line per step once training runs
-            if "'loss'" in line:
-                break
-        proc.send_signal(signal.SIGINT)
-        err, _ = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, err[-2000:]
+    # the Trainer logs a loss line per step once training runs
+    code, err = interrupt_modulora("finetune", "--model", tiny, "--quantizer", "rtn-4bit", "--data", data, "--out",
+                                   out, "--max-steps", "100000", "--batch-size", "2", "--eval-size", "0",
+                                   "--logging-steps", "1", when="'loss'", timeout=120)
+    assert code == 130, err[-2000:]
     assert "interrupted at step" in err and "--resume" in err
     cks = sorted((out / "checkpoints").glob("checkpoint-*"))
     assert len(cks) == 1 and (cks[0] / "trainer_state.json").is_file()

@@ -26,7 +26,8 @@ def fail(msg: str, code: int = 2) -> typer.Exit:
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn our own errors (and unreadable/unwritable paths) into ``error: ...`` and exit status 2."""
+    """Turn our own errors (and unreadable/unwritable paths) into ``error: ...`` and exit status 2; Ctrl-C
+    into a message and status 130."""
     from modulora_core.errors import ModuLoRAError
 
     try:
@@ -35,6 +36,8 @@ def user_errors() -> Iterator[None]:
         raise fail(str(e)) from None
     except OSError as e:
         raise fail(f"{e.strerror or e} ({e.filename or ''})".strip()) from None
+    except KeyboardInterrupt:  # saves are staged: nothing half-written is left behind
+        raise fail("interrupted (Ctrl-C); nothing was written", 130) from None
 
 
 def help_text(text: str) -> str:

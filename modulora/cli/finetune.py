@@ -13,12 +13,13 @@ from __future__ import annotations
 import contextlib
 import json
 import shlex
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from modulora.finetune.train_config import FinetuneConfig, TrainConfig
+from modulora.finetune.train_config import RUN_CONFIG, FinetuneConfig, TrainConfig
 
 from .common import (
     console,
@@ -31,7 +32,6 @@ from .common import (
     writable_dir,
 )
 
-RUN_CONFIG = "run_config.json"  # the options of the run, reused by --resume
 _J, _T = FinetuneConfig.model_fields, TrainConfig.model_fields
 
 
@@ -60,6 +60,8 @@ def register(app: typer.Typer) -> None:
         logging_steps: Annotated[int, typer.Option(min=1, help=_h("logging_steps"))] = _T["logging_steps"].default,
         save_steps: Annotated[int, typer.Option(min=0, help=_h("save_steps"))] = 0,
         eval_steps: Annotated[int, typer.Option(min=0, help=_h("eval_steps"))] = 0,
+        save_total_limit: Annotated[int, typer.Option(min=1, help=_h("save_total_limit"))] = (
+            _T["save_total_limit"].default),
         targets: Annotated[str | None, typer.Option(help=_h("targets"))] = None,
         skip: Annotated[str | None, typer.Option(help=_h("skip"))] = None,
         lora_targets: Annotated[str | None, typer.Option(help=_h("lora_targets"))] = None,
@@ -76,20 +78,24 @@ def register(app: typer.Typer) -> None:
         chat_template: Annotated[bool | None, typer.Option(help=_h("chat_template"))] = None,
         resume: Annotated[bool, typer.Option(help="continue the run in --out from its last checkpoint, with "
                                              "its saved options (options given now override them)")] = False,
+        overwrite: Annotated[bool, typer.Option(help="start a new run in an --out that holds an earlier one, "
+                                                "removing that run (its checkpoints, adapter, base, "
+                                                "metrics)")] = False,
     ) -> None:
         """Quantize a model, finetune LoRA adapters on a task or your data, evaluate before/after, save."""
         from modulora.finetune.job import run
 
-        opts = {k: v for k, v in ctx.params.items() if k != "resume"}
-        with user_errors():
+        if resume and overwrite:
+            raise fail("--resume continues the run in --out and --overwrite replaces it: give one of them")
+        opts = {k: v for k, v in ctx.params.items() if k not in ("resume", "overwrite")}
+        with user_errors(), _interrupted(opts["out"], resume):
             if resume:
                 opts = _with_saved_options(ctx, opts)
             job, train = _configs(opts)
-            if is_main_process():  # the options first: a run stopped at any point resumes with them
+            if is_main_process():
                 writable_dir(job.out)
-                (job.out / RUN_CONFIG).write_text(json.dumps(_jsonable(opts), indent=2) + "\n")
-            try:
-                metrics = run(job, train, resume=resume)
+            try:  # the job saves the options once its checks pass: a run stopped later resumes with them
+                metrics = run(job, train, resume=resume, overwrite=overwrite, options=_jsonable(opts))
             finally:
                 _leave_process_group()
         if not is_main_process():
@@ -101,6 +107,31 @@ def register(app: typer.Typer) -> None:
                           f"modulora finetune --out {shlex.quote(str(job.out))} --resume")
             raise typer.Exit(130)
         _print_summary(metrics, job)
+
+
+@contextlib.contextmanager
+def _interrupted(out: Path, resume: bool) -> Iterator[None]:
+    """Ctrl-C outside training (loading, quantizing, scoring): say what happened and how to go on, exit 130.
+    (During training the job itself saves a checkpoint and returns.)"""
+    try:
+        yield
+    except KeyboardInterrupt:
+        from modulora.finetune.train import last_checkpoint
+
+        _leave_process_group()
+        if not is_main_process():
+            raise typer.Exit(130) from None
+        try:
+            ck = last_checkpoint(Path(out) / "checkpoints")
+        except Exception:  # noqa: BLE001 - the message below still helps
+            ck = None
+        saved = (Path(out) / RUN_CONFIG).is_file()
+        where = f"the last checkpoint is {ck}" if ck else "no training step was saved yet"
+        how = (f"continue with:\n  modulora finetune --out {shlex.quote(str(out))} --resume" if saved else
+               "nothing was saved: run the same command again")
+        console.print(f"\n[bold yellow]interrupted[/] (Ctrl-C) before training finished; {where}; {how}",
+                      soft_wrap=True)
+        raise typer.Exit(130) from None
 
 
 def _configs(opts: dict[str, Any]) -> tuple[FinetuneConfig, TrainConfig]:

@@ -34,6 +34,7 @@ def register(app: typer.Typer) -> None:
         from .quantize import calibration_texts
 
         with user_errors():
+            model = models.resolve_model(model)
             out = writable_dir(out)
             tok = models.load_tokenizer(model)
             if requantize and not models.is_quantized(model):

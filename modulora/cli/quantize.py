@@ -43,7 +43,7 @@ def register(app: typer.Typer) -> None:
         with user_errors():
             t0 = time.perf_counter()
             out = writable_dir(out)
-            path = models.resolve_model(model)
+            path = models.resolve_model(model, what="MODEL")
             if not quantizer:
                 quantizer, note = models.default_quantizer()
                 if note:

@@ -242,6 +242,10 @@ def to_example(record: Any, where: str) -> Example:
         return _checked(Example(str(r["prompt"]).strip(), str(r["completion"]).strip()), where)
     if "text" in r:
         return _checked(Example(None, str(r["text"])), where)
+    nulls = [k for k in ("instruction", "output", "prompt", "completion", "text") if k in record and k not in r]
+    if nulls:
+        raise DataError(f"{where}: {', '.join(repr(k) for k in nulls)} is null; give each a string, or drop the "
+                        f"record")
     raise DataError(f"{where} has fields {sorted(record)}; expected {_FORMATS}")
 
 

@@ -25,6 +25,7 @@ import torch
 import modulora
 from modulora_core.errors import CheckpointError
 
+from .checks import clear_run, holds_run
 from .console import say
 from .encoding import EncodedDataset, PadCollator, context_length, pad_id
 from .models import (
@@ -38,6 +39,15 @@ from .models import (
     quantize,
     resolve_model,
     task_texts,
+)
+from .runs import (
+    FINGERPRINT,
+    check_same_run,
+    checkpoint_damage,
+    damaged_checkpoint_error,
+    read_run_config,
+    run_fingerprint,
+    write_run_config,
 )
 from .tasks import Task, data_task, get_task
 from .train import (
@@ -58,28 +68,41 @@ def task_of(job: FinetuneConfig) -> Task:
     return data_task(job.data) if job.data else get_task(job.task)
 
 
-def run(job: FinetuneConfig, train: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
+def run(job: FinetuneConfig, train: TrainConfig, *, resume: bool = False, overwrite: bool = False,
+        options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Quantize, attach adapters, score, train, save, score again; see the module docstring. Returns the
-    metrics; ``metrics["interrupted"]`` is True when Ctrl-C stopped training (a checkpoint was saved)."""
+    metrics; ``metrics["interrupted"]`` is True when Ctrl-C stopped training (a checkpoint was saved).
+
+    Before anything in ``job.out`` changes: a new run refuses an ``out`` that holds another run unless
+    ``overwrite``; ``resume`` refuses a run made with another model, data, quantizer or adapter shape, and a
+    damaged last checkpoint. ``options`` (the command's) are then saved with the run's fingerprint."""
     t0 = time.perf_counter()
     out = Path(job.out)
     ckpt_dir, base_dir, adapter_dir = out / "checkpoints", out / "base", out / "adapter"
-    resume_from = last_checkpoint(ckpt_dir) if resume else None
-    if resume and resume_from is None:
-        raise CheckpointError(f"no checkpoint in {ckpt_dir} to resume from yet; run without resume to start")
 
-    # 1. the task and the Trainer's arguments
+    # 1. the task, the model and the run in --out, checked before anything is written
     task = task_of(job)
+    model_path = resolve_model(job.model)
+    if job.quantizer is None and not is_quantized(model_path):
+        job = job.model_copy(update={"quantizer": _default_quantizer()})
+    fingerprint = run_fingerprint(job, model_path, job.quantizer)
+    resume_from = _check_resume(out, ckpt_dir, fingerprint) if resume else None
+    if not resume and holds_run(out) and not overwrite:
+        raise CheckpointError(f"--out {out} holds an earlier run ({', '.join(holds_run(out))}); continue it with "
+                              f"--resume, replace it with --overwrite, or pass another --out")
     val = task.examples("validation")[: job.eval_size]
     args = training_arguments(train, ckpt_dir, has_eval=bool(val))  # sets up torch.distributed under torchrun
     main = args.should_save
     metrics: dict[str, Any] = read_metrics(out) if resume else {}
     if main:
         out.mkdir(parents=True, exist_ok=True)
+        if overwrite and not resume and holds_run(out):
+            clear_run(out, keep=model_path)
+        if options is not None:
+            write_run_config(out, options, fingerprint)
 
     # 2. the quantized base: made once by the main process and saved; reloaded on resume and by the others
     with args.main_process_first(desc="load and quantize the model"):
-        model_path = resolve_model(job.model)
         if is_quantized(base_dir) and (resume or not main):
             tok, base = load_tokenizer(base_dir), modulora.load(str(base_dir), lora=None, chunk_rows=job.chunk_rows)
         elif is_quantized(model_path):  # quantized already (modulora quantize, GPTQ, ...): used as it is
@@ -88,7 +111,7 @@ def run(job: FinetuneConfig, train: TrainConfig, *, resume: bool = False) -> dic
             base_dir = Path(model_path)
         else:
             tok, dense = load_tokenizer(model_path), load_dense(model_path)
-            preset = job.quantizer or _default_quantizer()
+            preset = job.quantizer
             max_len = _max_length(train.max_length, dense)
             if job.eval_dense and val and "dense" not in metrics:
                 say("scoring the unquantized model ...")
@@ -160,6 +183,19 @@ def run(job: FinetuneConfig, train: TrainConfig, *, resume: bool = False) -> dic
         })
         write_metrics(out, metrics)
     return metrics
+
+
+def _check_resume(out: Path, ckpt_dir: Path, fingerprint: dict[str, Any]) -> Path | None:
+    """The checkpoint a ``--resume`` continues from (None: the run stopped before its first one, so it starts
+    again, reusing a saved base), after checking it is the same run and the checkpoint is readable."""
+    saved = read_run_config(out)
+    if not saved and not holds_run(out):
+        raise CheckpointError(f"--resume: {out} holds no run to continue; run without --resume to start one")
+    check_same_run(out, saved.get(FINGERPRINT), fingerprint)
+    ck = last_checkpoint(ckpt_dir)
+    if ck is not None and (why := checkpoint_damage(ck)) is not None:
+        raise damaged_checkpoint_error(ck, why, out)
+    return ck
 
 
 def score(model: Any, tok: Any, task: Task, val: list, max_len: int, job: FinetuneConfig,

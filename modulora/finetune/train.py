@@ -12,6 +12,7 @@ and stop", so an interrupted run always resumes. Several processes
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import signal
 import threading
@@ -23,7 +24,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
 from modulora.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, save_adapter
-from modulora_core.errors import CheckpointError
+from modulora_core.errors import CheckpointError, ModuLoRAError
+from modulora_core.integrity import nonfinite
 
 from .train_config import TrainConfig
 
@@ -86,6 +88,23 @@ class ModuLoRATrainer(Trainer):
         load_adapter(peft_model, resume_from_checkpoint, adapter_name=peft_model.active_adapter,
                      is_trainable=True)
 
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any
+                      ) -> torch.Tensor:
+        # The Trainer logs a NaN loss as 0 and steps on; we stop at the first non-finite loss or gradient,
+        # before the optimizer step, so no NaN reaches the adapter or a checkpoint.
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        check_step(_unwrap(self, model), inputs, loss, self.state.global_step + 1)
+        return loss
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        try:
+            super()._load_optimizer_and_scheduler(checkpoint)
+        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+            from .runs import damaged_checkpoint_error
+
+            raise damaged_checkpoint_error(Path(checkpoint or ""), f"its optimizer or scheduler state cannot be read "
+                                           f"({type(e).__name__}: {e})", Path(self.args.output_dir).parent) from e
+
     def _get_output_dir(self, trial: Any) -> str:
         return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
 
@@ -110,6 +129,53 @@ class ModuLoRATrainer(Trainer):
             rotate_checkpoints(output_dir=str(root), save_total_limit=self.args.save_total_limit,
                                use_mtime=False)
         self.accelerator.wait_for_everyone()
+
+
+class NonFiniteError(ModuLoRAError):
+    """Training produced a NaN/inf loss or gradient."""
+
+
+def check_step(model: torch.nn.Module, inputs: dict[str, Any], loss: torch.Tensor, step: int) -> None:
+    """Raise :class:`NonFiniteError` when ``loss`` or a trainable parameter's gradient is NaN/inf, naming
+    the damaged weights, or else the first layer whose output went non-finite."""
+    grads = nonfinite((n, p.grad) for n, p in model.named_parameters() if p.requires_grad and p.grad is not None)
+    if not grads and bool(torch.isfinite(loss.detach()).all()):
+        return
+    what = f"the loss is {float(loss.detach().float().mean())}" if not torch.isfinite(loss.detach()).all() else (
+        f"the gradients of {len(grads)} adapter tensors are NaN/inf (e.g. {grads[0][0]})")
+    weights = nonfinite([*model.named_parameters(), *model.named_buffers()])
+    if weights:
+        cause = (f"these weights hold NaN/inf: {', '.join(n for n, _ in weights[:3])}: the model is damaged, use an "
+                 f"undamaged copy")
+    else:
+        layer = first_nonfinite_layer(model, inputs)
+        cause = (f"the first layer whose output is NaN/inf: {layer}; " if layer else "") + (
+            "training diverged: lower --lr (or --max-grad-norm), or check the data")
+    raise NonFiniteError(f"training stopped at step {step}: {what}. {cause}. Nothing of this step was applied "
+                         f"or saved; the last checkpoint (if any) is intact")
+
+
+def first_nonfinite_layer(model: torch.nn.Module, inputs: dict[str, Any]) -> str | None:
+    """The first module (in execution order) whose output holds NaN/inf on ``inputs``, or None."""
+    found: list[str] = []
+
+    def hook(name: str) -> Any:
+        def fn(_m: Any, _i: Any, out: Any) -> None:
+            t = out[0] if isinstance(out, (tuple, list)) else getattr(out, "logits", out)
+            if not found and isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
+                found.append(name)
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    except Exception:  # noqa: BLE001, S110 - a diagnosis only: the NonFiniteError is what matters
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return found[0] if found else None
 
 
 def publish_dir(src: Path, dst: Path) -> None:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+RUN_CONFIG = "run_config.json"  # in --out: the options of the run and its fingerprint; --resume reuses them
+
 
 class FinetuneConfig(BaseModel):
     """What the finetune job runs. Quantization targets and LoRA targets are chosen apart."""
@@ -67,4 +69,5 @@ class TrainConfig(BaseModel):
     logging_steps: int = Field(10, ge=1, description="log the training loss every N steps")
     save_steps: int = Field(0, ge=0, description="checkpoint every N steps (0: only at the end)")
     eval_steps: int = Field(0, ge=0, description="validation loss every N steps (0: never during training)")
-    save_total_limit: int = Field(2, ge=1, description="checkpoints to keep")
+    save_total_limit: int = Field(2, ge=1, description="checkpoints to keep (the oldest are deleted); keep 2 or "
+                                  "more so that a damaged last checkpoint leaves one to resume from")
