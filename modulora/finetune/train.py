@@ -138,9 +138,11 @@ class NonFiniteError(ModuLoRAError):
 def check_step(model: torch.nn.Module, inputs: dict[str, Any], loss: torch.Tensor, step: int) -> None:
     """Raise :class:`NonFiniteError` when ``loss`` or a trainable parameter's gradient is NaN/inf, naming
     the damaged weights, or else the first layer whose output went non-finite."""
-    grads = nonfinite((n, p.grad) for n, p in model.named_parameters() if p.requires_grad and p.grad is not None)
-    if not grads and bool(torch.isfinite(loss.detach()).all()):
+    named = [(n, p.grad) for n, p in model.named_parameters() if p.requires_grad and p.grad is not None]
+    flags = [torch.isfinite(loss.detach()).all(), *(torch.isfinite(g).all().to(loss.device) for _, g in named)]
+    if bool(torch.stack(flags).all()):  # one host sync per step, not one per adapter tensor
         return
+    grads = nonfinite(named)
     what = f"the loss is {float(loss.detach().float().mean())}" if not torch.isfinite(loss.detach()).all() else (
         f"the gradients of {len(grads)} adapter tensors are NaN/inf (e.g. {grads[0][0]})")
     weights = nonfinite([*model.named_parameters(), *model.named_buffers()])
