@@ -9,7 +9,7 @@ import pytest
 import torch
 import typer
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 from typer.testing import CliRunner
 
 import modulora
@@ -105,10 +105,12 @@ def test_builtin_smollm2_matches_the_real_config(smollm2) -> None:
 
 # -- the activation model against the tensors a real step holds ---------------------------------------------
 def _measured_peak(cfg: LlamaConfig, preset: str, batch: int, seq: int, dtype: torch.dtype, lora: LoraConfig,
-                   checkpointing: bool, targets: list[str] | None = None) -> int:
-    """Bytes of every tensor alive at the peak of a training step (after a warm-up step), exactly."""
+                   checkpointing: bool, targets: list[str] | None = None, model_class: type = LlamaForCausalLM) -> int:
+    """Bytes of every tensor alive at the peak of a training step (after a warm-up step), exactly; preset
+    ``"dense"``: plain PEFT LoRA on the dense model."""
     torch.manual_seed(0)
-    base = modulora.load(LlamaForCausalLM(cfg).to(dtype), preset, lora=None, targets=targets)
+    dense = model_class(cfg).to(dtype)
+    base = dense if preset == "dense" else modulora.load(dense, preset, lora=None, targets=targets)
     model = get_peft_model(base, lora)
     if checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
@@ -341,3 +343,71 @@ def test_cli_targets_apart_from_lora_targets(tmp_path) -> None:
     assert regex["settings"]["n_quantized"] == 21 and regex["settings"]["n_lora"] == 7
     res = runner.invoke(_app(), ["plan", str(tmp_path), "--lora-targets", "qq_proj"])
     assert res.exit_code == 2 and "qq_proj" in res.output
+
+
+# -- mixture of experts -------------------------------------------------------------------------------------
+MOE = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3, "num_attention_heads": 4,
+       "num_key_value_heads": 2, "vocab_size": 256, "num_local_experts": 8, "num_experts_per_tok": 2,
+       "tie_word_embeddings": False}
+ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def moe_config(**kw) -> MixtralConfig:
+    return MixtralConfig(**{**MOE, **kw})
+
+
+def test_moe_shapes_count_every_expert_and_routers_stay_dense() -> None:
+    cfg = moe_config()
+    shapes = model_shapes(cfg, None)
+    with torch.device("meta"):
+        real = sum(p.numel() for p in MixtralForCausalLM(cfg).parameters())
+    assert shapes.n_params == real
+    assert len(shapes.targets) == 3 * (4 + 2 * 8)  # attention + gate_up and down of each expert
+    gate_up = [t for t in shapes.targets if t.leaf == "gate_up_proj"]
+    assert {(t.out_features, t.in_features) for t in gate_up} == {(2 * 96, 64)} and len(gate_up) == 24
+    assert sorted({t.expert for t in gate_up}) == list(range(8))
+    assert (shapes.num_experts, shapes.experts_per_token, shapes.expert_intermediate_size) == (8, 2, 96)
+    assert shapes.moe_layers == (0, 1, 2) and not shapes.shared_experts
+    assert all(".mlp.gate." in n for n in shapes.dense_params if ".mlp." in n)  # the routers
+    # every expert packed: the exact sizes of one expert matrix each
+    bq = modulora.get_preset("rtn-2bit")
+    assert plan(cfg, "rtn-2bit").component("packed").nbytes == sum(
+        bq.quantizer.packed_nbytes((t.out_features, t.in_features), bq.config) for t in shapes.targets)
+    # GPT-2's Conv1D ([in, out]) read the right way round
+    from transformers import GPT2Config
+
+    c_attn = next(t for t in model_shapes(GPT2Config(n_embd=64, n_layer=1, n_head=4), None).targets
+                  if t.leaf == "c_attn")
+    assert (c_attn.out_features, c_attn.in_features) == (3 * 64, 64)
+
+
+def test_target_parameters_map_to_every_expert() -> None:
+    cfg = moe_config()
+    p = plan(cfg, "rtn-4bit", lora=LoraConfig(r=4, target_modules=ATTN, target_parameters=EXPERTS))
+    assert p.settings["n_lora"] == 3 * (4 + 2 * 8)
+    assert p.settings["lora_modules"] == ["down_proj", "gate_up_proj", "k_proj", "o_proj", "q_proj", "v_proj"]
+    only_down = plan(cfg, "rtn-4bit", lora=LoraConfig(r=4, target_modules=ATTN,
+                                                      target_parameters=["mlp.experts.down_proj"]))
+    assert only_down.settings["n_lora"] == 3 * (4 + 8)
+    assert only_down.component("activations").nbytes < p.component("activations").nbytes
+    assert any("MoE: 3 layers of 8 experts" in n for n in p.notes)
+    with pytest.raises(ModuLoRAError, match="names no MoE experts matrix.*mlp.experts.gate_up_proj"):
+        plan(cfg, lora=LoraConfig(target_modules=ATTN, target_parameters=["mlp.experts.w9"]))
+
+
+@pytest.mark.parametrize("case", [
+    {"preset": "rtn-4bit", "dtype": "float32", "experts": EXPERTS},
+    {"preset": "rtn-2bit", "dtype": "bfloat16", "experts": EXPERTS},
+    {"preset": "rtn-4bit", "dtype": "float32", "experts": None, "attn": ["q_proj", "v_proj"]},
+    {"preset": "rtn-4bit", "dtype": "float32", "experts": ["mlp.experts.down_proj"]},
+    # plain PEFT LoRA on the fused experts: A@B added to the whole stack, kept for backward
+    {"preset": "dense", "dtype": "float32", "experts": EXPERTS},
+], ids=lambda c: "-".join(str(v) for v in c.values()))
+def test_moe_prediction_within_5_percent_of_counted_tensors(case: dict) -> None:
+    cfg = moe_config()
+    lora = LoraConfig(r=8, target_modules=case.get("attn", ATTN), target_parameters=case["experts"])
+    measured = _measured_peak(cfg, case["preset"], 8, 64, getattr(torch, case["dtype"]), lora, False,
+                              model_class=MixtralForCausalLM)
+    p = plan(cfg, case["preset"], batch_size=8, seq_len=64, lora=lora, dtype=case["dtype"], runtime_bytes=0)
+    assert abs(p.total - measured) <= 0.05 * measured, (p.total, measured, str(p))

@@ -33,7 +33,7 @@ from modulora_core.surgery import matches_target
 
 from .activations import StepShape, activations
 from .memtrace import peak_bytes
-from .shapes import ModelShapes, model_config, model_shapes
+from .shapes import ModelShapes, _meta_model, model_config, model_shapes
 
 GiB = 1 << 30
 # Resident memory of the process itself: Python, torch, transformers, modulora, thread pools, allocator
@@ -249,20 +249,45 @@ def _random_packed(bq: Preset, rows: int, in_f: int) -> PackedWeight:
 
 def _lora_targets(lora: LoraConfig | None, config: Any) -> list[str] | str | None:
     """Where PEFT puts adapters for ``lora`` (None: on the quantized linears, ModuLoRA's default):
-    ``target_modules``, or PEFT's default for the model type when that is None."""
+    ``target_modules``, or PEFT's default for the model type when that is None; plus, for
+    ``target_parameters`` naming MoE experts (``"mlp.experts.gate_up_proj"``), every expert's module, as
+    ``modulora_core.peft_lora.experts_targets`` maps them for a ModuLoRA model (PEFT's own LoRA on the fused
+    parameters has the same number of LoRA weights)."""
     if lora is None:
         return None
     t = lora.target_modules
+    params = list(getattr(lora, "target_parameters", None) or [])
     if t is None:
         from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
 
         model_type = getattr(config, "model_type", None)
         t = PEFT_DEFAULTS.get(model_type)
-        if t is None:
+        if t is None and not params:
             raise ModuLoRAError(f"the LoraConfig names no target_modules and PEFT has no default for model type "
                                 f"{model_type!r}; name them, e.g. target_modules=['q_proj', 'v_proj'] or "
                                 f"'all-linear'")
-    return sorted(t) if isinstance(t, (set, list, tuple)) else t
+    t = sorted(t) if isinstance(t, (set, list, tuple)) else t
+    return _with_expert_parameters(t, params, config) if params else t
+
+
+def _with_expert_parameters(t: list[str] | str | None, params: list[str], config: Any) -> list[str]:
+    """Full names of the linears ``t`` matches plus the per-expert modules of ``target_parameters``."""
+    from modulora_core.experts import is_unfused_experts, projections
+    from modulora_core.surgery import select_targets
+
+    model = _meta_model(config)
+    names = set(select_targets(model, t)) if t else set()
+    experts = [(n, m) for n, m in model.named_modules() if is_unfused_experts(m)]
+    for want in params:
+        hits = [f"{n}.{e}.{p}" for n, m in experts for p in projections(m)
+                if f"{n}.{p}" == want or f"{n}.{p}".endswith("." + want) for e in range(m._modulora_num_experts)]
+        if not hits:
+            known = sorted({f"{n.rsplit('.', 2)[-2]}.{n.rsplit('.', 1)[-1]}.{p}" for n, m in experts
+                            for p in projections(m)}) or ["(this model has no MoE experts)"]
+            raise ModuLoRAError(f"target_parameters entry {want!r} names no MoE experts matrix; the planner "
+                                f"counts target_parameters on experts only, e.g. {known}")
+        names.update(hits)
+    return sorted(names)
 
 
 def _leaves(linears: list[Any]) -> list[str]:
@@ -369,7 +394,7 @@ def plan(model: Any, quantizer: QuantizerSpec = "rtn-4bit", *, targets: list[str
                  for t in shapes.lora_targets)  # A, B (and DoRA's magnitude per output)
     n_states = OPTIMIZER_STATES[opt]
     step = StepShape(tokens=tokens, compute_bytes=cb, lora_bytes=lb, r=lora.r,
-                     dropout=lora.lora_dropout, checkpointing=gradient_checkpointing,
+                     dropout=lora.lora_dropout, checkpointing=gradient_checkpointing, fused_experts=dense,
                      dropout_mask_bytes=lb if device == "cpu" else 1)
     act = activations(shapes, step)
     loss = act.head_saved + act.head_transient
@@ -410,10 +435,17 @@ def plan(model: Any, quantizer: QuantizerSpec = "rtn-4bit", *, targets: list[str
                 "n_quantized": len(shapes.targets), "n_lora": len(shapes.lora_targets),
                 "dtype": dtype_name(cdt), "weight_dtype": dtype_name(wdt), "optimizer": opt,
                 "gradient_checkpointing": gradient_checkpointing, "chunk_rows": chunk_rows, "device": device,
-                "n_params": shapes.n_params}
+                "n_params": shapes.n_params, "num_experts": shapes.num_experts,
+                "experts_per_token": shapes.experts_per_token}
     notes = []
-    if shapes.model_type not in ("llama", "mistral", "qwen2", "qwen3"):
+    if shapes.model_type not in ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe"):
         notes.append(f"activations follow a Llama block; {shapes.model_type!r} may differ")
+    if shapes.num_experts:
+        notes.append(f"MoE: {len(shapes.moe_layers)} layers of {shapes.num_experts} experts (width "
+                     f"{shapes.expert_intermediate_size}), top-{shapes.experts_per_token}: activations of the "
+                     f"routed (token, expert) pairs only, {shapes.experts_per_token} per token"
+                     + ("; shared experts counted as a dense MLP of intermediate_size (approximate)"
+                        if shapes.shared_experts else ""))
     if lora.use_dora:
         notes.append("DoRA: its magnitude vectors are counted, not the activations it saves besides LoRA's "
                      "(the base and LoRA outputs of each adapted linear) nor the weight it materializes in "

@@ -4,6 +4,10 @@ The model is built on the meta device (no weight is allocated) and the planner r
 ``modulora.load`` would quantize (``select_targets``, the same function), everything else it would keep
 dense (embeddings, norms, lm_head, untargeted linears), counting tied tensors once, and, apart, the linears
 that carry LoRA adapters (by default the quantized ones; any linear can, quantized or not).
+
+Mixture-of-experts layers are unfused on the meta model as ``modulora.load`` unfuses them
+(:func:`modulora_core.experts.unfuse_experts`): each expert's matrix is one more linear
+(``mlp.experts.<e>.gate_up_proj``), so its storage is counted like any other; the routers stay dense.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from modulora_core.errors import ModuLoRAError
+from modulora_core.experts import is_unfused_experts, projections
+from modulora_core.layouts import out_in
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -59,6 +65,7 @@ class LinearShape:
     out_features: int
     in_features: int
     bias: bool
+    expert: int | None = None  # the expert's index when this is one expert's matrix of a MoE layer
 
     @property
     def leaf(self) -> str:
@@ -82,6 +89,12 @@ class ModelShapes:
     dense_params: dict[str, int] = field(default_factory=dict)  # name -> numel, kept unquantized, tied once
     buffer_bytes: int = 0  # real buffers (RoPE frequencies): not scaled by the weight dtype
     lora_targets: list[LinearShape] = field(default_factory=list)  # the linears with a LoRA adapter
+    num_experts: int = 0  # routed experts per MoE layer (0: a dense model)
+    experts_per_token: int = 0  # top-k: the experts each token is routed to
+    expert_intermediate_size: int = 0  # I' of one expert (gate_up_proj is [2I', h] or up_proj [I', h])
+    moe_layers: tuple[int, ...] = ()  # the decoder layers whose MLP is a routed-experts block
+    expert_gated: bool = True  # gate_up_proj (silu(gate) * up), or a single up_proj
+    shared_experts: bool = False  # a dense MLP beside the routed experts (Qwen2-MoE, DeepSeek)
 
     @property
     def n_params(self) -> int:
@@ -144,6 +157,9 @@ def _meta_model(config: PretrainedConfig) -> nn.Module:
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         if getattr(text, "tie_word_embeddings", False):
             model.tie_weights()  # build_empty leaves tying to from_pretrained
+        from modulora_core.experts import unfuse_experts
+
+        unfuse_experts(model)  # as modulora.load does: one linear per expert matrix
         while len(_META_MODELS) >= 4:
             _META_MODELS.pop(next(iter(_META_MODELS)))
         _META_MODELS[key] = model
@@ -151,6 +167,7 @@ def _meta_model(config: PretrainedConfig) -> nn.Module:
 
 
 _META_MODELS: dict[tuple[str, str], nn.Module] = {}
+_FOUR_H = frozenset({"gpt2", "gpt_bigcode", "gptj", "bloom", "falcon", "codegen"})
 
 
 def model_shapes(config: PretrainedConfig, targets: Targets = None, *, skip: Iterable[str] = (),
@@ -166,6 +183,8 @@ def model_shapes(config: PretrainedConfig, targets: Targets = None, *, skip: Ite
         "hidden": ("hidden_size", "n_embd", "d_model"), "inter": ("intermediate_size", "ffn_dim", "n_inner"),
         "layers": ("num_hidden_layers", "n_layer"), "heads": ("num_attention_heads", "n_head"),
         "vocab": ("vocab_size",)}.items()}
+    if dims["inter"] is None and dims["hidden"] is not None and getattr(text, "model_type", "") in _FOUR_H:
+        dims["inter"] = 4 * dims["hidden"]  # n_inner=None: these models' MLPs are 4 * hidden wide
     if missing := [k for k, v in dims.items() if v is None]:
         raise ModuLoRAError(f"config of model_type {getattr(config, 'model_type', '?')!r} lacks {missing}; the "
                             f"planner needs a decoder-only LM config with hidden size, intermediate size, "
@@ -176,9 +195,14 @@ def model_shapes(config: PretrainedConfig, targets: Targets = None, *, skip: Ite
     names = select_targets(model, targets, skip)
     lora_names = names if lora_targets is None else select_targets(model, lora_targets)
 
+    experts = {n: m for n, m in model.named_modules() if is_unfused_experts(m)}
+    expert_of = {f"{n}.{e}.{p}": e for n, m in experts.items() for p in projections(m)
+                 for e in range(m._modulora_num_experts)}
+
     def shape(n: str) -> LinearShape:
-        m: nn.Linear = model.get_submodule(n)
-        return LinearShape(n, m.out_features, m.in_features, m.bias is not None)
+        m = model.get_submodule(n)
+        out_f, in_f = out_in(m)  # GPT-2's Conv1D stores [in, out]
+        return LinearShape(n, out_f, in_f, getattr(m, "bias", None) is not None, expert_of.get(n))
 
     packed_weights = {f"{n}.weight" for n in names}
     dense: dict[str, int] = {}
@@ -190,13 +214,31 @@ def model_shapes(config: PretrainedConfig, targets: Targets = None, *, skip: Ite
         seen.add(id(p))
         dense[n] = p.numel()
     buffers = sum(b.numel() * b.element_size() for b in model.buffers() if not b.is_meta)
+    moe = _moe_fields(model, experts, text, int(dims["layers"]))
     return ModelShapes(
         name=str(getattr(config, "name_or_path", "") or getattr(config, "model_type", "model")),
         model_type=str(getattr(config, "model_type", "")), hidden_size=int(dims["hidden"]),
         intermediate_size=int(dims["inter"]), num_layers=int(dims["layers"]), num_heads=int(dims["heads"]),
         num_kv_heads=int(kv), head_dim=int(head_dim), vocab_size=int(dims["vocab"]),
         targets=[shape(n) for n in names], dense_params=dense, buffer_bytes=int(buffers),
-        lora_targets=[shape(n) for n in lora_names])
+        lora_targets=[shape(n) for n in lora_names], **moe)
+
+
+def _moe_fields(model: nn.Module, experts: dict[str, nn.Module], text: PretrainedConfig,
+                num_layers: int) -> dict[str, Any]:
+    """ModelShapes' MoE fields, read from the unfused experts modules (the expert's width from its down
+    projection's input) and top-k from the config."""
+    if not experts:
+        return {}
+    name, m = next(iter(experts.items()))
+    first, down = projections(m)
+    inter = out_in(getattr(m._modules["0"], down))[1]
+    layers = sorted({int(p) for n in experts for p in n.split(".") if p.isdigit() and int(p) < num_layers})
+    top_k = _get(text, "num_experts_per_tok", "experts_per_token", "moe_topk", "top_k") or 1
+    return {"num_experts": int(m._modulora_num_experts), "experts_per_token": int(top_k),
+            "expert_intermediate_size": int(inter), "moe_layers": tuple(layers),
+            "expert_gated": first == "gate_up_proj",
+            "shared_experts": any("shared_expert" in n for n, _ in model.named_modules())}
 
 
 def quantized_names(model: str | os.PathLike | PretrainedConfig, targets: Targets = None,
