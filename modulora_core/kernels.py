@@ -19,13 +19,19 @@ from typing import Any
 import torch
 
 ENV = "MODULORA_COMPILE"
-SMALL_BATCH = 4  # inputs of at most this many rows (decode steps) may take a plugin's matmul_small
+SMALL_BATCH = 4  # inputs of at most this many rows (decode steps) take a plugin's matmul_small where kernels compile
 
 
 def compile_mode() -> str:
     """``"auto"``, ``"1"`` or ``"0"`` from ``$MODULORA_COMPILE`` (anything else reads as ``"auto"``)."""
     v = os.environ.get(ENV, "auto").strip().lower()
     return v if v in ("0", "1") else "auto"
+
+
+def compiles_on(device: torch.device) -> bool:
+    """Whether kernels compile for tensors on ``device`` (see :func:`compile_mode`)."""
+    mode = compile_mode()
+    return mode == "1" or (mode == "auto" and device.type == "cuda")
 
 
 class Kernel:
@@ -39,8 +45,7 @@ class Kernel:
         self.failed = False
 
     def wants_compile(self, device: torch.device) -> bool:
-        mode = compile_mode()
-        return not self.failed and (mode == "1" or (mode == "auto" and device.type == "cuda"))
+        return not self.failed and compiles_on(device)
 
     def __call__(self, *args: Any) -> Any:
         dev = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
