@@ -50,6 +50,7 @@ class QuantizedLinear(nn.Linear):
         self._meta = dict(packed.metadata())
         self._packed_config = packed.config
         self._packed_keys = list(packed.tensors)
+        self._packed_shapes: dict[str, tuple[int, ...]] | None = None  # set when FSDP flattens them
         for k, t in packed.tensors.items():
             self.register_buffer(PACKED_PREFIX + k, t)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
@@ -63,6 +64,8 @@ class QuantizedLinear(nn.Linear):
     def packed(self) -> PackedWeight:
         """The packed weight over the module's current buffers (so it follows ``.to(device)``)."""
         tensors = {k: getattr(self, PACKED_PREFIX + k) for k in self._packed_keys}
+        if self._packed_shapes is not None:  # flat for FSDP (modulora_core.fsdp): view in the plugin's shapes
+            tensors = {k: t.view(self._packed_shapes[k]) for k, t in tensors.items()}
         m = self._meta
         return PackedWeight(m["family"], self._packed_config, tuple(m["shape"]),
                             dtype_from_name(m["dtype"]), tensors, m["format_version"], dict(m["extra"]))
@@ -79,7 +82,7 @@ class QuantizedLinear(nn.Linear):
 
     @property
     def device(self) -> torch.device:
-        return next(iter(self.buffers())).device
+        return self.W_q.device  # a buffer, or a parameter once FSDP shards it
 
     @property
     def W_q(self) -> torch.Tensor:  # noqa: N802 - the name is PEFT's
