@@ -12,6 +12,7 @@ freed blocks at once (as in bench_layer). Also reported: the peak bytes of live 
     python -m benchmarks.bench_memory --cache m.json   # the same, reusing (and saving) measurements
     python -m benchmarks.bench_memory --quick       # three configurations on SmolLM2, no tensor counting
     python -m benchmarks.bench_memory --scale       # a 7B model on this machine
+    python -m benchmarks.bench_memory --moe         # a random Mixtral: ModuLoRA 2/4-bit vs dense LoRA
     python -m benchmarks.bench_memory --calibrate   # measure the CPU runtime allowance (tiny model)
     python -m benchmarks.bench_memory --paper       # only the planner's LLaMA table next to the paper's
 """
@@ -65,6 +66,10 @@ def model_config(name: str) -> Any:
 
     from modulora.planning.shapes import model_config as mc
 
+    from .memory_moe import MOE_MODELS, moe_config
+
+    if name in MOE_MODELS:
+        return moe_config(name)
     if name in RANDOM_MODELS:
         return LlamaConfig(**RANDOM_MODELS[name], tie_word_embeddings=False, architectures=["LlamaForCausalLM"])
     return mc(name)
@@ -144,6 +149,10 @@ def build(model_name: str, quantizer: str, chunk_rows: int | None, r: int) -> An
     """The model of one configuration, PEFT LoRA (r, alpha 2r) on every decoder linear, ready to train."""
     import modulora
 
+    from .memory_moe import MOE_MODELS, build_moe
+
+    if model_name in MOE_MODELS:
+        return build_moe(model_name, quantizer, r, _fill_meta)
     if quantizer == QLORA:
         return _peft_lora(bnb_nf4_model(model_name), r)
     if model_name == "smollm2-135m":
@@ -169,10 +178,15 @@ def build(model_name: str, quantizer: str, chunk_rows: int | None, r: int) -> An
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def lora_config(r: int) -> Any:
-    """PEFT's LoraConfig of every configuration: r, alpha 2r, every decoder linear, no dropout."""
+def lora_config(r: int, model: str | None = None) -> Any:
+    """PEFT's LoraConfig of every configuration: r, alpha 2r, every decoder linear, no dropout (a MoE
+    model: attention and every expert, ``memory_moe.moe_lora_config``)."""
     from peft import LoraConfig
 
+    from .memory_moe import MOE_MODELS, moe_lora_config
+
+    if model in MOE_MODELS:
+        return moe_lora_config(r)
     return LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, lora_dropout=0.0)
 
 
@@ -274,7 +288,7 @@ def predict(spec: dict[str, Any], runtime_bytes: int | None = None) -> Any:
     if quantizer == QLORA:
         quantizer = "qlora"
     return plan(model_config(spec["model"]), quantizer, batch_size=spec["batch"], seq_len=spec["seq"],
-                lora=lora_config(spec["r"]), dtype="float32",
+                lora=lora_config(spec["r"], spec["model"]), dtype="float32",
                 gradient_checkpointing=spec["checkpointing"], chunk_rows=spec["chunk_rows"], device="cpu",
                 runtime_bytes=runtime_bytes)
 
@@ -369,6 +383,7 @@ def main() -> None:
     ap.add_argument("--calibrate", action="store_true")
     ap.add_argument("--paper", action="store_true", help="only the planner table next to the paper's")
     ap.add_argument("--scale", action="store_true", help="only the 7B scale demonstration")
+    ap.add_argument("--moe", action="store_true", help="only the mixture-of-experts rows (random Mixtral)")
     ap.add_argument("--no-tensors", action="store_true", help="skip the tensor-counting step (faster)")
     ap.add_argument("--no-write", action="store_true", help="print only; do not update docs/benchmarks.md")
     ap.add_argument("--cache", default=None, help="JSON file of measurements to reuse and extend")
@@ -385,6 +400,18 @@ def main() -> None:
         return
     from benchmarks.report import write_data, write_section
 
+    if a.moe:
+        from . import memory_moe
+
+        table, rows = validation_table(memory_moe.MOE, tensors=not a.no_tensors, cache=a.cache)
+        body = memory_moe.INTRO + table + memory_moe.summary(rows)
+        print(memory_moe.summary(rows))
+        if not a.no_write:
+            cmd = "python -m benchmarks.bench_memory --moe"
+            write_data("memory-moe", cmd, rows)
+            write_section("memory-moe", "Memory: mixture of experts (Mixtral-shaped), ModuLoRA vs. dense LoRA",
+                          cmd, body)
+        return
     if a.scale:
         table, rows = validation_table(SCALE, tensors=False, cache=a.cache)
         body = table + (f"\nBuilding it (generating and quantizing every linear, one at a time): "
