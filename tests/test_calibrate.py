@@ -224,7 +224,7 @@ def test_text_file_is_cut_into_windows_with_the_models_tokenizer(tmp_path):
 
 
 def test_datasets_text_and_input_ids_columns():
-    datasets = pytest.importorskip("datasets")
+    import datasets  # installed with the dev extra (trl needs it): a missing one must fail, not skip
     ds = datasets.Dataset.from_dict({"text": [TEXT[:280], TEXT[280:]]})
     ids = calibration_tokens(Calibration(ds, n_samples=4, seq_len=64, tokenizer=char_tokenizer()))
     assert ids.shape == (4, 64)
@@ -284,3 +284,14 @@ def test_resolve_calibration():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert resolve_calibration("rtn-4bit", False, None, None, None) is None
+
+
+def test_load_calibrates_on_a_datasets_dataset(tmp_path):
+    import datasets
+
+    d = tmp_path / "m"
+    tiny().save_pretrained(d)
+    char_tokenizer().save_pretrained(d)
+    ds = datasets.Dataset.from_dict({"text": [TEXT[:300], TEXT[300:]]})
+    q = modulora.load(d, "optq-4bit", calibration=ds, n_samples=2, seq_len=50, lora=None)
+    assert len(dict(modulora.iter_quantized_layers(q))) == 14
