@@ -56,6 +56,22 @@ def test_docsum_is_deterministic_and_disjoint():
     assert a.metric == "rougeL" and set(a.score([ex.completion], [ex.completion])) == {"rouge1", "rouge2", "rougeL"}
 
 
+def test_no_validation_or_test_text_equals_a_training_text():
+    # inspect.getdoc hands an undocumented override its base class's docstring: split by name, such copies
+    # leaked training text into validation and test
+    splits = docstring_splits()
+    train_docs = {d.doc for d in splits["train"]}
+    train_summaries = {d.summary_paragraph for d in splits["train"]}
+    for held_out in ("validation", "test"):
+        assert not any(d.doc in train_docs for d in splits[held_out]), held_out
+        assert not any(d.summary_paragraph in train_summaries for d in splits[held_out]), held_out
+    for task in (docsum(), docmodule()):
+        train_prompts = {e.prompt for e in task.examples("train")}
+        assert not any(e.prompt in train_prompts for e in task.examples("test") + task.examples("validation"))
+    answers = {e.completion for e in docsum().examples("train")}
+    assert not any(e.completion in answers for e in docsum().examples("test") + docsum().examples("validation"))
+
+
 def test_docmodule_labels_and_accuracy():
     t = docmodule()
     labels = {e.completion for v in t.splits.values() for e in v}

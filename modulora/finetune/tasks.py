@@ -6,8 +6,8 @@
   analogue of the paper's classification tasks).
 - ``--data FILE``: the user's examples; scored by validation loss (and perplexity).
 
-Every split is deterministic (a hash of each item's name), so numbers compare across runs and machines
-with the same Python version.
+Every split is deterministic (a hash of each docstring's first paragraph, so repeated text never crosses
+splits), so numbers compare across runs and machines with the same Python version.
 """
 
 from __future__ import annotations
