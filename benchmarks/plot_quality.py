@@ -71,7 +71,7 @@ def quality_plot(out: Path, data_dir: Path = DATA) -> Path | None:
                    label="GPTQModel (bench_optq: its own held-out text)")
     for r in by_family.get("unquantized", [])[:1]:
         ax.axhline(float(r["perplexity"]), color="gray", linestyle="--", linewidth=1,
-                   label=f"unquantized ({float(r['perplexity']):.2f})")
+                   label=f"dense baseline, Q4_1 GGUF dequantized ({float(r['perplexity']):.2f})")
     ax.set_yscale("log")
     ax.set_xlabel("storage bits per weight (packed tensors of the quantized linears)")
     ax.set_ylabel("held-out perplexity (log)")
