@@ -31,6 +31,7 @@ from modulora_core import (
     list_plugins,
 )
 from modulora_core.checkpoint import save_quantized
+from modulora_core.lora_init import LoraInit, apply_lora_init, init_lora_from_residual
 from modulora_core.merge import dequantize, merge_requantized
 
 from .adapters import load_adapter, save_adapter
@@ -40,9 +41,9 @@ from .planning import MemoryPlan, plan
 __version__ = "0.2.0"
 __all__ = [
     "AdapterError", "Preset", "CalibrationError", "Capabilities", "CheckpointError",
-    "InvalidWeightError", "MemoryPlan", "ModuLoRAConfig", "ModuLoRAError", "PackedWeight", "PluginError",
+    "InvalidWeightError", "LoraInit", "MemoryPlan", "ModuLoRAConfig", "ModuLoRAError", "PackedWeight", "PluginError",
     "QuantizedLinear", "Quantizer", "QuantizerConfig", "QuantizerConfigError", "TargetModulesError",
-    "UnknownQuantizerError", "available_presets", "default_lora", "dequantize", "get_preset", "hookimpl",
-    "iter_quantized_layers", "list_plugins", "load", "load_adapter", "lora_parameters", "merge_requantized",
+    "UnknownQuantizerError", "apply_lora_init", "available_presets", "default_lora", "dequantize", "get_preset", "hookimpl",
+    "init_lora_from_residual", "iter_quantized_layers", "list_plugins", "load", "load_adapter", "lora_parameters", "merge_requantized",
     "plan", "save_adapter", "save_quantized",
 ]

@@ -26,8 +26,10 @@ from modulora_core import (
     quantize_model,
 )
 from modulora_core.checkpoint import checkpoint_kind, load_legacy
+from modulora_core.errors import ModuLoRAError
 from modulora_core.files import remove_stale_stages
 from modulora_core.integrity import check_finite
+from modulora_core.lora_init import LoraInit, apply_lora_init
 from modulora_core.registry import get_registry
 
 if TYPE_CHECKING:
@@ -53,7 +55,7 @@ def load(model: PreTrainedModel | str | os.PathLike, preset: PresetLike | None =
          lora: LoraConfig | str | None = DEFAULT, targets: list[str] | str | None = None,
          modules_to_not_convert: list[str] | None = None, calibration: Any = None,
          n_samples: int | None = None, seq_len: int | None = None, chunk_rows: int | None = None,
-         torch_dtype: torch.dtype | None = None) -> PeftModel | PreTrainedModel:
+         torch_dtype: torch.dtype | None = None, lora_init: str | LoraInit | None = None) -> PeftModel | PreTrainedModel:
     """Quantize a causal LM (or reload a quantized one) and attach PEFT LoRA adapters.
 
     ``model``: a transformers causal LM (quantized in place), a path or model id (loaded in ``torch_dtype``,
@@ -63,26 +65,56 @@ def load(model: PreTrainedModel | str | os.PathLike, preset: PresetLike | None =
     a ``peft.LoraConfig`` (``target_modules=["q_proj", "v_proj"]``, ``use_dora=True``, ...), the default
     (r=8, alpha=16 on every quantized module), or None for no adapter. Returns a ``PeftModel``, or the
     quantized transformers model when ``lora`` is None.
+
+    ``lora_init="residual"`` (or a :class:`~modulora_core.lora_init.LoraInit` for alternation and other
+    options) starts the adapters at the quantization error, so that W_q + s·B·A ≈ W (activation-aware where
+    the quantizer calibrates); PEFT's own init (B = 0) otherwise. It needs the dense model: for one quantized
+    already, use ``modulora.init_lora_from_residual`` with its dense source.
     """
+    if isinstance(lora, str) and lora != DEFAULT:
+        raise ValueError(f"lora must be a peft.LoraConfig, None, or {DEFAULT!r}; got {lora!r}")
+    init = _lora_init(lora_init, lora)
     base = _quantized_base(model, preset, targets=targets, skip=modules_to_not_convert,
                            calibration=calibration, n_samples=n_samples, seq_len=seq_len,
-                           chunk_rows=chunk_rows, torch_dtype=torch_dtype)
+                           chunk_rows=chunk_rows, torch_dtype=torch_dtype, lora_init=init)
     if lora is None:
         return base
     from peft import get_peft_model
 
     if isinstance(lora, str):
-        if lora != DEFAULT:
-            raise ValueError(f"lora must be a peft.LoraConfig, None, or {DEFAULT!r}; got {lora!r}")
         lora = default_lora(base)
-    return get_peft_model(base, lora)
+    peft_model = get_peft_model(base, lora)
+    if init is not None:
+        apply_lora_init(peft_model, init.factors)
+        init.factors.clear()  # the adapter holds them now
+    return peft_model
+
+
+LORA_INITS = ("default", "residual")  # what --lora-init accepts
+
+
+def _lora_init(lora_init: str | LoraInit | None, lora: Any) -> LoraInit | None:
+    if lora_init is None or lora_init == "default":
+        return None
+    if lora is None:
+        raise ValueError("lora_init needs adapters to initialize; pass lora= (a LoraConfig or 'default')")
+    if isinstance(lora_init, LoraInit):
+        return lora_init
+    if lora_init != "residual":
+        raise ValueError(f"lora_init must be one of {', '.join(LORA_INITS)} or a LoraInit; got {lora_init!r}")
+    rank = 8 if isinstance(lora, str) else max([lora.r, *getattr(lora, "rank_pattern", {}).values()])
+    return LoraInit(rank=rank)
 
 
 def _quantized_base(model: Any, preset: PresetLike | None, *, targets: Any, skip: Any, calibration: Any,
                     n_samples: int | None, seq_len: int | None, chunk_rows: int | None,
-                    torch_dtype: torch.dtype | None) -> PreTrainedModel:
+                    torch_dtype: torch.dtype | None, lora_init: LoraInit | None = None) -> PreTrainedModel:
     is_path = isinstance(model, (str, os.PathLike))
     kind = checkpoint_kind(model) if is_path else None
+    if lora_init is not None and (kind is not None or preset is None):
+        raise ModuLoRAError(f"lora_init needs the dense weights, and {_describe(model)} is quantized already (or "
+                            f"no preset was given); quantize the dense model, or call "
+                            f"modulora.init_lora_from_residual(peft_model, dense_model)")
     if kind is not None:  # already quantized by ModuLoRA: load it packed
         remove_stale_stages(model)  # what a killed save left behind
         if kind == "legacy":
@@ -118,13 +150,17 @@ def _quantized_base(model: Any, preset: PresetLike | None, *, targets: Any, skip
     if is_path:
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(str(model), dtype=torch_dtype or torch.float32,
-                                                    quantization_config=qc)
+        if lora_init is None:
+            return AutoModelForCausalLM.from_pretrained(str(model), dtype=torch_dtype or torch.float32,
+                                                        quantization_config=qc)
+        # the residual needs each dense weight: load dense, then quantize in place below
+        model = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch_dtype or torch.float32)
     if torch_dtype is not None:
         model = model.to(torch_dtype)
     check_finite(model)  # one NaN norm would make every loss NaN; name it now
     quantize_model(model, bq, QuantizeOptions(targets=targets, skip=tuple(skip or ()), calibration=calibration,
-                                              n_samples=n_samples, seq_len=seq_len, chunk_rows=chunk_rows))
+                                              n_samples=n_samples, seq_len=seq_len, chunk_rows=chunk_rows,
+                                              lora_init=lora_init))
     qc.calibration = None
     return mark_quantized(model, qc)
 

@@ -22,6 +22,7 @@ from .coverage import warn_dense
 from .errors import CalibrationError, CheckpointError, ModuLoRAError, TargetModulesError
 from .experts import unfuse_experts
 from .layouts import CONV1D, is_conv1d, is_quantizable, is_router, linear_weight, matches_target
+from .lora_init import LoraInit
 from .qlinear import QuantizedLinear, iter_quantized_layers
 from .quantizer import PackedWeight, Quantizer
 from .registry import Preset, get_preset
@@ -135,10 +136,14 @@ def replace_linear(model: nn.Module, name: str, packed: PackedWeight, quantizer:
 
 
 def _swap_in(model: nn.Module, name: str, bq: Preset, chunk_rows: int | None,
-             hessian: torch.Tensor | None) -> None:
+             hessian: torch.Tensor | None, lora_init: LoraInit | None = None) -> None:
     old = model.get_submodule(name)
     weight = linear_weight(old)  # (out, in); a transposed view for Conv1D and some experts
-    packed = bq.quantize(weight.to(torch.float32).contiguous(), hessian)
+    if lora_init is None:
+        packed = bq.quantize(weight.to(torch.float32).contiguous(), hessian)
+    else:  # the residual W − W_q needs the dense weight, which is gone after this call
+        packed = lora_init.quantize(name, weight.to(torch.float32).contiguous(), hessian, bq.quantize,
+                                    lambda p: bq.quantizer.materialize(p, dtype=torch.float32, device=p.device))
     packed.dtype = weight.dtype  # remember the model's dtype (export, dequantize), not the compute one
     replace_linear(model, name, packed, bq, chunk_rows=chunk_rows,
                    bias=None if old.bias is None else old.bias.detach(),
@@ -156,6 +161,7 @@ class QuantizeOptions:
     n_samples: int | None = None
     seq_len: int | None = None
     chunk_rows: int | None = None
+    lora_init: LoraInit | None = None  # residual LoRA factors, recorded while each dense weight is in hand
 
 
 def quantize_model(model: PreTrainedModel, preset: str | Any, opts: QuantizeOptions | None = None,
@@ -182,10 +188,10 @@ def quantize_model(model: PreTrainedModel, preset: str | Any, opts: QuantizeOpti
     if isinstance(cal, Calibration):  # Hessians from data, one decoder block at a time
         src = source or getattr(model, "name_or_path", None) or None
         quantize_blockwise(model, names, calibration_tokens(cal, src),
-                           lambda n, h: _swap_in(model, n, bq, opts.chunk_rows, h), cal, desc=bq.name)
+                           lambda n, h: _swap_in(model, n, bq, opts.chunk_rows, h, opts.lora_init), cal, desc=bq.name)
     else:
         for name in names:
-            _swap_in(model, name, bq, opts.chunk_rows, None if cal is None else cal[name])
+            _swap_in(model, name, bq, opts.chunk_rows, None if cal is None else cal[name], opts.lora_init)
     if any(f"{n}.weight" in tied_before for n in names) and hasattr(model.config, "tie_word_embeddings"):
         # a quantized lm_head no longer shares the embedding's storage: stop transformers retying them
         model.config.tie_word_embeddings = False
