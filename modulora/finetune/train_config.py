@@ -5,6 +5,7 @@ descriptions are the command's help texts."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -36,6 +37,9 @@ class FinetuneConfig(BaseModel):
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
     dora: bool = Field(False, description="DoRA: learn a magnitude per output feature besides the LoRA update")
     rslora: bool = Field(False, description="rsLoRA: scale the update by alpha/sqrt(r) instead of alpha/r")
+    lora_init: Literal["default", "residual"] = Field(
+        "default", description="LoRA initialization: default (PEFT's, B = 0) or residual (start at the quantization "
+        "error, W_q + s·B·A ≈ W, activation-aware where the quantizer calibrates; needs a dense --model)")
     task: str = Field("docsum", description="built-in task: docsum (ROUGE) or docmodule (accuracy)")
     data: Path | None = Field(None, description="your own data (.jsonl/.json/.csv/.txt or a saved datasets "
                               "directory); replaces --task")
