@@ -118,3 +118,21 @@ def test_misuse_is_refused(calibration, tmp_path) -> None:
     saved.save_pretrained(tmp_path / "base")
     with pytest.raises(ModuLoRAError, match="init_lora_from_residual"):
         modulora.load(tmp_path / "base", lora_init="residual")
+
+
+def test_finetune_command_takes_lora_init_residual(tmp_path) -> None:
+    import json
+
+    from modulora.finetune.tiny import run_modulora, tiny_llama_dir
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Repeat {w}", "completion": f"{w} {w}"}) + "\n"
+                            for w in "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()))
+    out, model = tmp_path / "out", tiny_llama_dir(tmp_path / "tiny")
+    p = run_modulora("finetune", "--model", model, "--quantizer", "rtn-2bit", "--data", data, "--out", out,
+                     "--max-steps", "1", "--eval-size", "2", "--lora-init", "residual", "-r", "4")
+    assert "LoRA initialized from the quantization residual on 14 linears" in p.stdout + p.stderr
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    bad = run_modulora("finetune", "--model", out / "base", "--data", data, "--out", tmp_path / "o2",
+                       "--lora-init", "residual", check=False)
+    assert bad.returncode != 0 and "needs the dense weights" in bad.stdout + bad.stderr
