@@ -36,7 +36,11 @@ def packed_as_parameters(model: nn.Module) -> int:
         if layer._packed_shapes is not None:
             continue
         shapes = {}
-        for k in layer._packed_keys:
+        # Sorted: FSDP2 packs a block's tensors into its all-gather buffer in registration order, and every
+        # rank must use the same. The plugin's own key order differs between a freshly quantized layer and one
+        # loaded from disk (the main process quantizes, the others load its save): unsorted, the ranks would
+        # exchange each other's codes for scales.
+        for k in sorted(layer._packed_keys):
             name = PACKED_PREFIX + k
             t = layer._buffers.pop(name)
             shapes[k] = tuple(t.shape)

@@ -82,3 +82,52 @@ def test_flat_packed_parameters_change_nothing_unsharded():
     assert {k: t.shape for k, t in layer.packed.tensors.items()} == shapes
     assert local_packed_bytes(model) == nbytes and layer.device == x.device
     torch.testing.assert_close(layer(x), before)
+
+
+def _finetune(nproc: int, tiny: Path, data: Path, out: Path, *extra: str) -> dict:
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                   "--nproc_per_node", str(nproc), "--master_port", "29574"]
+    cmd = [*launcher, "-m", "modulora", "finetune", "--model", str(tiny), "--quantizer", "nf4", "--data", str(data),
+           "--out", str(out), "--max-steps", "5", "--save-steps", "3", "--batch-size", str(4 // nproc),
+           "--logging-steps", "1", "--eval-size", "0", "--lr", "5e-3", *extra]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+    assert p.returncode == 0, p.stderr[-4000:]
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_finetune_fsdp_matches_one_process_and_resumes(tmp_path):
+    """``torchrun ... modulora finetune --fsdp``: each process holds half the packed bytes; the losses and the
+    adapter (saved once, PEFT format) are those of one process; ``--resume`` from the step-3 checkpoint
+    (adapter and sharded optimizer state) gives steps 4 and 5 of one process again. (5 steps: the 23
+    examples give 5 full global batches of 4; a sixth would be split unevenly between the processes.)"""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    tiny = tiny_llama_dir(tmp_path / "tiny")
+    data = tmp_path / "train.jsonl"
+    words = [f"{a}{b}" for a in "abcdefgh" for b in "xyz"]  # equal lengths: equal tokens per process
+    data.write_text("".join(json.dumps({"prompt": f"Say {w}", "completion": f"{w}!"}) + "\n" for w in words))
+    one = _finetune(1, tiny, data, tmp_path / "one")
+    two = _finetune(2, tiny, data, tmp_path / "two", "--fsdp")
+    assert two["world_size"] == 2 and len(two["packed_bytes_per_process"]) == 2
+    for b in two["packed_bytes_per_process"]:
+        assert b == pytest.approx(one["packed_bytes_per_process"][0] / 2, rel=0.05)
+    l1 = dict(map(tuple, one["loss_history"]))
+    assert sorted(l1) == [1, 2, 3, 4, 5]
+
+    def same_as_one(run: Path) -> None:
+        l2 = dict(map(tuple, json.loads((run / "metrics.json").read_text())["loss_history"]))
+        assert sorted(l2) == sorted(l1)
+        assert [l2[s] for s in l1] == pytest.approx([l1[s] for s in l1], rel=1e-4)
+        a = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+        b = load_file(run / "adapter" / "adapter_model.safetensors")
+        assert sorted(a) == sorted(b)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4)
+
+    same_as_one(tmp_path / "two")
+    shutil.rmtree(tmp_path / "two" / "checkpoints" / "checkpoint-5")
+    shutil.rmtree(tmp_path / "two" / "adapter")
+    _finetune(2, tiny, data, tmp_path / "two", "--fsdp", "--resume")
+    same_as_one(tmp_path / "two")

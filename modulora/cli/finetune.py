@@ -5,7 +5,8 @@ With no arguments: SmolLM2-135M-Instruct (real pretrained weights, shipped on Py
 (``modulora.finetune.models.PREFERRED_QUANTIZER``, or a calibration-free fallback), every decoder-block
 linear quantized and adapted, the ``docsum`` task, 60 steps. The job is :func:`modulora.finetune.job.run`;
 this module parses the options, handles ``--resume`` and prints the outcome. Run it under
-``torchrun --nproc_per_node N -m modulora finetune ...`` (or ``accelerate launch``) for DDP.
+``torchrun --nproc_per_node N -m modulora finetune ...`` (or ``accelerate launch``) for DDP; add ``--fsdp``
+to shard the packed base across the processes (FSDP2, :mod:`modulora.finetune.sharded`).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def register(app: typer.Typer) -> None:
         max_length: Annotated[int, typer.Option(min=8, help=_h("max_length"))] = _T["max_length"].default,
         warmup_ratio: Annotated[float, typer.Option(help=_h("warmup_ratio"))] = _T["warmup_ratio"].default,
         gradient_checkpointing: Annotated[bool, typer.Option(help=_h("gradient_checkpointing"))] = False,
+        fsdp: Annotated[bool, typer.Option("--fsdp", help=_h("fsdp"))] = False,
         seed: Annotated[int, typer.Option(help=_h("seed"))] = 0,
         logging_steps: Annotated[int, typer.Option(min=1, help=_h("logging_steps"))] = _T["logging_steps"].default,
         save_steps: Annotated[int, typer.Option(min=0, help=_h("save_steps"))] = 0,

@@ -8,6 +8,7 @@
    model is scored with its adapter disabled: "before";
 4. training with the Hugging Face Trainer: adapter-only checkpoints in ``OUT/checkpoints``; Ctrl-C saves one
    and stops, and ``resume=True`` continues from the last one on the same loss curve;
+   with ``train.fsdp`` under torchrun, FSDP2 shards the packed base and the adapters (:mod:`.sharded`);
 5. the adapter saved (``modulora.save_adapter``: PEFT's format) to ``OUT/adapter`` and scored: "after".
 
 :func:`run` returns the metrics (also in ``OUT/metrics.json``); printing them is the command's business.
@@ -49,6 +50,7 @@ from .runs import (
     run_fingerprint,
     write_run_config,
 )
+from .sharded import ShardedTrainer, packed_bytes_per_process
 from .tasks import Task, data_task, get_task
 from .train import (
     GracefulStop,
@@ -152,11 +154,13 @@ def run(job: FinetuneConfig, train: TrainConfig, *, resume: bool = False, overwr
     train_ds = EncodedDataset(tok, task.examples("train"), max_len, job.chat_template, what="training examples")
     eval_ds = (EncodedDataset(tok, val, max_len, job.chat_template, what="validation examples")
                if train.eval_steps and val else None)
-    if args.world_size > 1:
+    fsdp = train.fsdp and args.world_size > 1  # FSDP2 shards the model when training starts (sharded.py)
+    if args.world_size > 1 and not fsdp:
         exclude_frozen_from_ddp(model)
     stopper = GracefulStop().install()
-    trainer = ModuLoRATrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                              data_collator=PadCollator(pad_id(tok)), callbacks=[stopper])
+    trainer = (ShardedTrainer if fsdp else ModuLoRATrainer)(
+        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+        data_collator=PadCollator(pad_id(tok)), callbacks=[stopper])
     length = f"{train.max_steps} steps" if train.max_steps > 0 else f"{train.epochs:g} epochs"
     say(f"training: {length} of {train.batch_size * train.grad_accum * args.world_size} examples"
         + (f" on {args.world_size} processes" if args.world_size > 1 else "")
@@ -177,9 +181,15 @@ def run(job: FinetuneConfig, train: TrainConfig, *, resume: bool = False, overwr
         return {**metrics, "interrupted": True}
 
     # 5. the adapter, scored again
-    if main:
+    metrics["packed_bytes_per_process"] = packed_bytes_per_process(model)
+    if fsdp:  # gathered by every process, saved once; the sharded model is not scored (modulora evaluate is)
+        trainer.save_adapter(adapter_dir)
+    elif main:
         modulora.save_adapter(model, adapter_dir)
-    if main and val:
+    if main and val and fsdp:
+        say(f"not scored after finetuning under --fsdp; score the adapter with: modulora evaluate --model "
+            f"{base_dir} --adapter {adapter_dir}")
+    elif main and val:
         say("scoring after finetuning ...")
         metrics["after"] = score(model, tok, task, val, max_len, job, train)
     if main:

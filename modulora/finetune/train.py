@@ -138,7 +138,7 @@ class NonFiniteError(ModuLoRAError):
 def check_step(model: torch.nn.Module, inputs: dict[str, Any], loss: torch.Tensor, step: int) -> None:
     """Raise :class:`NonFiniteError` when ``loss`` or a trainable parameter's gradient is NaN/inf, naming
     the damaged weights, or else the first layer whose output went non-finite."""
-    named = [(n, p.grad) for n, p in model.named_parameters() if p.requires_grad and p.grad is not None]
+    named = [(n, _local(p.grad)) for n, p in model.named_parameters() if p.requires_grad and p.grad is not None]
     flags = [torch.isfinite(loss.detach()).all(), *(torch.isfinite(g).all().to(loss.device) for _, g in named)]
     if bool(torch.stack(flags).all()):  # one host sync per step, not one per adapter tensor
         return
@@ -155,6 +155,11 @@ def check_step(model: torch.nn.Module, inputs: dict[str, Any], loss: torch.Tenso
             "training diverged: lower --lr (or --max-grad-norm), or check the data")
     raise NonFiniteError(f"training stopped at step {step}: {what}. {cause}. Nothing of this step was applied "
                          f"or saved; the last checkpoint (if any) is intact")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor (FSDP2's gradients), or ``t``."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def first_nonfinite_layer(model: torch.nn.Module, inputs: dict[str, Any]) -> str | None:

@@ -69,6 +69,8 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping (0: off)")
     gradient_checkpointing: bool = Field(False, description="recompute block activations in backward")
+    fsdp: bool = Field(False, description="under torchrun: shard the packed base and the adapters across the "
+                       "processes with FSDP2, each holding about 1/N of the packed bytes (DDP otherwise)")
     seed: int = Field(0, description="seed for LoRA init, data order and dropout")
     logging_steps: int = Field(10, ge=1, description="log the training loss every N steps")
     save_steps: int = Field(0, ge=0, description="checkpoint every N steps (0: only at the end)")
