@@ -20,6 +20,9 @@ from .qlinear import QuantizedLinear
 def export_checkpoint(model: nn.Module, layers: Mapping[str, QuantizedLinear], directory: str | os.PathLike,
                       format: str, *, tokenizer: Any = None) -> Path:
     """Write ``model`` (whose quantized ``layers`` all share one quantizer family) as a ``format`` checkpoint."""
+    from .fsdp import refuse_if_sharded
+
+    refuse_if_sharded(model)
     quantizers = {type(m.quantizer): m.quantizer for m in layers.values()}
     q = next(iter(quantizers.values()))
     offered = tuple(getattr(q, "export_formats", ()))

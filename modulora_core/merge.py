@@ -37,6 +37,9 @@ def merge_requantized(model: nn.Module, *, calibration: Any = None, n_samples: i
     Returns the transformers model, packed throughout, without adapter layers. ``calibration`` (as in
     ``modulora.load``) is required when the quantizer calibrates (OPTQ, QuIP#).
     """
+    from .fsdp import refuse_if_sharded
+
+    refuse_if_sharded(model)
     base = unwrap_peft(model)
     layers = {n: m for n, m in base.named_modules() if isinstance(m, QuantizedLoraLinear)
               and isinstance(m.get_base_layer(), QuantizedLinear)}
@@ -85,6 +88,9 @@ def dequantize(model: nn.Module, *, merge: bool = False) -> nn.Module:
     """A dense copy (shares no tensor with ``model``): every QuantizedLinear becomes an ``nn.Linear`` with
     the materialized weight, in the dtype it was quantized from; with ``merge`` the active adapters are
     merged, else dropped. The copy saves and loads with plain ``save_pretrained``/``from_pretrained``."""
+    from .fsdp import refuse_if_sharded
+
+    refuse_if_sharded(model)
     dense = copy.deepcopy(model)
     if hasattr(dense, "peft_config"):
         dense = dense.merge_and_unload() if merge else dense.unload()

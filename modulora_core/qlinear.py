@@ -65,6 +65,10 @@ class QuantizedLinear(nn.Linear):
         """The packed weight over the module's current buffers (so it follows ``.to(device)``)."""
         tensors = {k: getattr(self, PACKED_PREFIX + k) for k in self._packed_keys}
         if self._packed_shapes is not None:  # flat for FSDP (modulora_core.fsdp): view in the plugin's shapes
+            if any(hasattr(t, "to_local") for t in tensors.values()):  # a DTensor: FSDP2 holds only a shard
+                from .fsdp import sharded_error
+
+                raise sharded_error("this layer's packed weight")
             tensors = {k: t.view(self._packed_shapes[k]) for k, t in tensors.items()}
         m = self._meta
         return PackedWeight(m["family"], self._packed_config, tuple(m["shape"]),

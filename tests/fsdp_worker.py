@@ -77,6 +77,13 @@ def main(tiny: str, out: str, presets: list[str]) -> None:
         sd = full_trainable_state_dict(model)
         per_rank = [None] * dist.get_world_size()
         dist.all_gather_object(per_rank, r["local_packed_bytes"])
+        try:  # a sharded model refuses to dequantize (or merge, export): this process holds a part of it
+            from modulora_core.merge import dequantize
+
+            dequantize(model)
+            r["refused"] = None
+        except Exception as e:  # noqa: BLE001 - the test checks the type and message
+            r["refused"] = f"{type(e).__name__}: {e}"
         if rank == 0:
             model.save_pretrained(Path(out) / preset.replace("#", "sharp"), state_dict=sd)
             r["per_rank_packed_bytes"] = per_rank

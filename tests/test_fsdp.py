@@ -46,6 +46,8 @@ def test_two_processes_shard_the_packed_bytes_and_match_one(runs, preset):
     for b in two["per_rank_packed_bytes"]:
         assert b == pytest.approx(half, rel=0.05), (two["per_rank_packed_bytes"], two["full_packed_bytes"])
 
+    assert two["refused"].startswith("ModuLoRAError") and "is sharded by FSDP2" in two["refused"]
+
     one = fsdp_worker.train(tiny, preset, shard=False)
     assert one["full_packed_bytes"] == two["full_packed_bytes"]
     assert two["losses"] == pytest.approx(one["losses"], rel=1e-4)
@@ -131,3 +133,40 @@ def test_finetune_fsdp_matches_one_process_and_resumes(tmp_path):
     shutil.rmtree(tmp_path / "two" / "adapter")
     _finetune(2, tiny, data, tmp_path / "two", "--fsdp", "--resume")
     same_as_one(tmp_path / "two")
+
+
+def test_plan_per_process_under_fsdp_and_ddp():
+    """``plan(..., world_size=2, fsdp=True)``: packed base, LoRA state and the unquantized parts halved (the
+    root's parts gathered whole besides), two blocks' packed bytes all-gathered, the process group's
+    runtime added; DDP only adds the runtime. ``modulora plan --world-size 2 --fsdp --json`` says the same."""
+    from typer.testing import CliRunner
+
+    from modulora.cli import _register, app
+    from modulora.planning import plan
+    from modulora.planning.sharding import DISTRIBUTED_RUNTIME, block_of
+    from modulora_core import get_preset
+    from modulora_core.errors import ModuLoRAError
+
+    one = plan("smollm2-135m", "rtn-2bit", batch_size=2, seq_len=64)
+    ddp = plan("smollm2-135m", "rtn-2bit", batch_size=2, seq_len=64, world_size=2)
+    fsdp = plan("smollm2-135m", "rtn-2bit", batch_size=2, seq_len=64, world_size=2, fsdp=True)
+    c1, cd, cf = ({c.key: c.nbytes for c in p.components} for p in (one, ddp, fsdp))
+    assert ddp.total == one.total + DISTRIBUTED_RUNTIME["cpu"]
+    assert cf["packed"] == -(-c1["packed"] // 2) and cf["lora"] == -(-c1["lora"] // 2)
+    assert cf["activations"] == c1["activations"] and cf["runtime"] == cd["runtime"]
+    bq = get_preset("rtn-2bit")
+    block0 = sum(bq.quantizer.packed_nbytes(s, bq.config) for s in
+                 [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)])
+    assert cf["gathered"] == 2 * block0
+    root = 49152 * 576 * 4 + 576 * 4  # tied embeddings / lm_head once, the final norm
+    assert cf["unquantized"] == root + -(-c1["unquantized"] // 2)
+    assert block_of("model.layers.12.mlp.up_proj") == 12 and block_of("model.norm.weight") is None
+    with pytest.raises(ModuLoRAError, match="world_size"):
+        plan("smollm2-135m", "rtn-2bit", world_size=0)
+
+    _register()
+    r = CliRunner().invoke(app, ["plan", "smollm2-135m", "-q", "rtn-2bit", "--batch-size", "2", "--seq-len", "64",
+                                 "--world-size", "2", "--fsdp", "--json"])
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.output)
+    assert got["total_bytes"] == fsdp.total and got["settings"]["fsdp"] and got["settings"]["world_size"] == 2

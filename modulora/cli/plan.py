@@ -4,6 +4,7 @@
         --device cuda --budget 24GB
     modulora plan llama-65b -q quip#-2bit --lora-targets q_proj,v_proj   # the paper's setting
     modulora plan ./my-model/config.json -q nf4 --module down_proj=rtn-4bit --json
+    modulora plan llama-2-70b -q rtn-2bit --dtype bfloat16 --device cuda --world-size 4 --fsdp --budget 24GB
 
 Exit status: 0, or 1 when a ``--budget`` is given and the plan does not fit it, 2 on bad input.
 """
@@ -67,6 +68,10 @@ def register(app: typer.Typer) -> None:
         budget: Annotated[str | None, typer.Option(help="memory to fit in, e.g. 24GB or 24GiB")] = None,
         device: Annotated[str, typer.Option(help="cpu or cuda: picks the runtime allowance")] = "cpu",
         runtime: Annotated[str | None, typer.Option(help="runtime allowance to use instead, e.g. 1GiB")] = None,
+        world_size: Annotated[int, typer.Option(min=1, help="processes (--batch-size is each one's); the plan "
+                                                "is one process's peak")] = 1,
+        fsdp: Annotated[bool, typer.Option("--fsdp", help="with --world-size N: FSDP2 shards the packed base and "
+                                           "the adapters (modulora finetune --fsdp); DDP otherwise")] = False,
         as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
     ) -> None:
         """Predict the peak memory of one LoRA training step, component by component."""
@@ -90,7 +95,8 @@ def register(app: typer.Typer) -> None:
                           batch_size=batch_size, seq_len=seq_len, lora=lora,
                           dtype=dtype, weight_dtype=weight_dtype, optimizer=optimizer,
                           gradient_checkpointing=gradient_checkpointing, chunk_rows=chunk_rows, budget=budget,
-                          device=device, runtime_bytes=parse_size(runtime) if runtime else None)
+                          device=device, runtime_bytes=parse_size(runtime) if runtime else None,
+                          world_size=world_size, fsdp=fsdp)
         except (modulora.ModuLoRAError, ValidationError) as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from e

@@ -34,6 +34,7 @@ from modulora_core.surgery import matches_target
 from .activations import StepShape, activations
 from .memtrace import peak_bytes
 from .shapes import ModelShapes, _meta_model, model_config, model_shapes
+from .sharding import block_packed_bytes, per_process
 
 GiB = 1 << 30
 # Resident memory of the process itself: Python, torch, transformers, modulora, thread pools, allocator
@@ -133,7 +134,9 @@ class MemoryPlan:
                  f"{'DoRA' if s['use_dora'] else 'LoRA'} r={s['lora_r']} on {', '.join(s['lora_modules'])} · "
                  f"{s['dtype']} · {s['optimizer']}"
                  + (" · gradient checkpointing" if s["gradient_checkpointing"] else "")
-                 + (f" · chunk_rows={s['chunk_rows']}" if s["chunk_rows"] else ""))
+                 + (f" · chunk_rows={s['chunk_rows']}" if s["chunk_rows"] else "")
+                 + (f" · per process of {s['world_size']} ({'FSDP2' if s['fsdp'] else 'DDP'})"
+                    if s.get("world_size", 1) > 1 else ""))
         t = Table(title=title, title_justify="left")
         t.add_column("component")
         t.add_column("size", justify="right")
@@ -343,7 +346,8 @@ def plan(model: Any, quantizer: QuantizerSpec = "rtn-4bit", *, targets: list[str
          modules_to_not_convert: list[str] | None = None, lora: LoraConfig | None = None, batch_size: int = 1,
          seq_len: int = 512, dtype: str | torch.dtype = "float32", weight_dtype: str | torch.dtype | None = None,
          optimizer: str = "adamw", gradient_checkpointing: bool = False, chunk_rows: int | None = None,
-         budget: str | int | None = None, device: str = "cpu", runtime_bytes: int | None = None) -> MemoryPlan:
+         budget: str | int | None = None, device: str = "cpu", runtime_bytes: int | None = None,
+         world_size: int = 1, fsdp: bool = False) -> MemoryPlan:
     """Predict the peak memory of one LoRA training step of ``model`` quantized with ``quantizer``.
 
     ``model``: a built-in shape (``llama-7b`` ... ``llama-65b``, ``llama-2-70b``, ``smollm2-135m``), a
@@ -356,13 +360,16 @@ def plan(model: Any, quantizer: QuantizerSpec = "rtn-4bit", *, targets: list[str
     ``lora=None``: ModuLoRA's default, r=8 on every quantized linear. ``dtype``: the compute dtype (the
     model's); ``weight_dtype``: that of the unquantized parts (default: ``dtype``). ``device`` picks the
     runtime allowance (``"cpu"`` calibrated, ``"cuda"`` assumed), unless ``runtime_bytes`` is given.
-    ``budget``: e.g. ``"24GB"``.
+    ``budget``: e.g. ``"24GB"``. ``world_size``: processes (``batch_size`` is each one's); the plan is then
+    one process's peak, under DDP or, with ``fsdp``, FSDP2 (:mod:`modulora.planning.sharding`).
     """
     for name, v in (("batch_size", batch_size), ("seq_len", seq_len)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ModuLoRAError(f"{name} must be a positive int, got {v!r}")
     if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 1):
         raise ModuLoRAError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ModuLoRAError(f"world_size must be a positive int, got {world_size!r}")
     opt = optimizer.strip().lower()
     if opt not in OPTIMIZER_STATES:
         raise ModuLoRAError(f"unknown optimizer {optimizer!r}; the planner knows {sorted(OPTIMIZER_STATES)}")
@@ -428,7 +435,14 @@ def plan(model: Any, quantizer: QuantizerSpec = "rtn-4bit", *, targets: list[str
                   f"{device}: " + ("calibrated on this project's CPU runner" if device == "cpu" and
                                    runtime_bytes is None else "assumed" if runtime_bytes is None else "given")),
     ]
-    settings = {"batch_size": batch_size, "seq_len": seq_len, "lora_r": lora.r, "lora_dropout": lora.lora_dropout,
+    if world_size > 1:
+        packed_of = {t.name: (_packed_nbytes(per_module[t.name], t.out_features, t.in_features)
+                              if per_module[t.name] is not None else t.out_features * t.in_features * wb)
+                     for t in shapes.targets}
+        comps = per_process(comps, shapes, world_size=world_size, fsdp=fsdp, device=device,
+                            block_packed=block_packed_bytes(shapes, lambda name, o, i: packed_of[name]),
+                            dense_bytes_per_param=wb)
+    settings = {"world_size": world_size, "fsdp": fsdp and world_size > 1, "batch_size": batch_size, "seq_len": seq_len, "lora_r": lora.r, "lora_dropout": lora.lora_dropout,
                 "use_dora": bool(lora.use_dora), "targets": targets,
                 "modules_to_not_convert": list(modules_to_not_convert or []),
                 "quantized_modules": _leaves(shapes.targets), "lora_modules": _leaves(shapes.lora_targets),
