@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.write:
         from .report import write_data, write_section
 
-        cmd = f"python -m benchmarks.bench_fsdp --model {a.model} --write"
+        cmd = f"python -m benchmarks.bench_fsdp --model {a.model} --quantizers {a.quantizers} --write"
         write_data("fsdp", cmd, data)
         write_section("fsdp", f"FSDP2: per-process peak memory ({a.model}, 2 processes)", cmd,
                       f"{__doc__.split(chr(10) + chr(10), 1)[1].split('    python')[0]}\n{body}")
