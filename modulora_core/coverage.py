@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .calibrate import decoder_blocks
-from .layouts import is_router, matches_target
+from .layouts import is_quantizable, is_router, matches_target
 from .qlinear import QuantizedLinear
 
 
@@ -23,7 +23,7 @@ class Coverage:
     """Decoder-block matrix weights by fate: packed, dense on purpose, dense for want of a quantizer."""
 
     packed: int = 0
-    by_design: dict[str, int] = field(default_factory=dict)  # parameter name -> numel
+    by_design: dict[str, int] = field(default_factory=dict)  # routers, skipped or untargeted: name -> numel
     dense: dict[str, int] = field(default_factory=dict)  # parameter name -> numel
     dense_types: dict[str, str] = field(default_factory=dict)  # parameter name -> module class
 
@@ -61,7 +61,8 @@ def coverage(model: nn.Module, skip: Iterable[str] = ()) -> Coverage:
             if p.dim() < 2 or ".lora_" in full or "lora_magnitude" in full:
                 continue
             owner = name.removesuffix(".base_layer")
-            if is_router(owner) or (skip and matches_target(owner, skip)):
+            # a linear left out of the targets is the user's choice, not a gap in what can be packed
+            if is_router(owner) or (skip and matches_target(owner, skip)) or is_quantizable(m):
                 cov.by_design[full] = p.numel()
             else:
                 cov.dense[full] = p.numel()

@@ -44,3 +44,12 @@ class CalibrationError(ModuLoRAError, ValueError):
 
 class DataError(ModuLoRAError, ValueError):
     """Training or evaluation data that is missing, empty, malformed, or an unknown task."""
+
+
+def sharded_error(what: str) -> ModuLoRAError:
+    """The error for using ``what`` (a model, a layer's packed weight) while FSDP2 holds it sharded."""
+    return ModuLoRAError(
+        f"{what} is sharded by FSDP2 (modulora_core.fsdp.shard_model): this process holds only a part of each "
+        f"packed weight, so it cannot be dequantized, merged or exported here. Save the adapter gathered "
+        f"(full_trainable_state_dict, or modulora finetune --fsdp's OUT/adapter), then merge or export in one "
+        f"process from the saved base: modulora merge --model BASE --adapter ADAPTER")

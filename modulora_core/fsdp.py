@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ModuLoRAError
+from .errors import ModuLoRAError, sharded_error  # noqa: F401 - sharded_error: re-exported
 from .qlinear import PACKED_PREFIX, iter_quantized_layers
 
 
@@ -101,15 +101,6 @@ def full_trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             t = p.full_tensor() if hasattr(p, "full_tensor") else p
             out[name] = t.detach().cpu()
     return out
-
-
-def sharded_error(what: str) -> ModuLoRAError:
-    """The error for using ``what`` (a model, a layer's packed weight) while FSDP2 holds it sharded."""
-    return ModuLoRAError(
-        f"{what} is sharded by FSDP2 (modulora_core.fsdp.shard_model): this process holds only a part of each "
-        f"packed weight, so it cannot be dequantized, merged or exported here. Save the adapter gathered "
-        f"(full_trainable_state_dict, or modulora finetune --fsdp's OUT/adapter), then merge or export in one "
-        f"process from the saved base: modulora merge --model BASE --adapter ADAPTER")
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .autograd import quantized_matmul
-from .errors import ModuLoRAError
+from .errors import ModuLoRAError, sharded_error
 from .quantizer import PackedWeight, Quantizer, dtype_from_name
 
 PACKED_PREFIX = "packed_"
@@ -66,8 +66,6 @@ class QuantizedLinear(nn.Linear):
         tensors = {k: getattr(self, PACKED_PREFIX + k) for k in self._packed_keys}
         if self._packed_shapes is not None:  # flat for FSDP (modulora_core.fsdp): view in the plugin's shapes
             if any(hasattr(t, "to_local") for t in tensors.values()):  # a DTensor: FSDP2 holds only a shard
-                from .fsdp import sharded_error
-
                 raise sharded_error("this layer's packed weight")
             tensors = {k: t.view(self._packed_shapes[k]) for k, t in tensors.items()}
         m = self._meta

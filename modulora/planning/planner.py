@@ -32,11 +32,11 @@ from modulora_core.registry import Preset, get_preset
 from modulora_core.surgery import matches_target
 
 from .activations import StepShape, activations
+from .components import Component, GiB, format_size  # noqa: F401 - format_size: part of the public API
 from .memtrace import peak_bytes
 from .shapes import ModelShapes, _meta_model, model_config, model_shapes
 from .sharding import block_packed_bytes, per_process
 
-GiB = 1 << 30
 # Resident memory of the process itself: Python, torch, transformers, modulora, thread pools, allocator
 # slack. "cpu" is calibrated on this project's 2-core x86_64 runner (python -m benchmarks.bench_memory
 # --calibrate: the peak RSS of a training step of a tiny model, minus its predicted tensors: 420 MiB, the
@@ -74,22 +74,6 @@ def parse_size(text: str | int | float) -> int:
     if value <= 0:
         raise ModuLoRAError(f"a memory size must be positive, got {text!r}")
     return int(value)
-
-
-def format_size(n: int) -> str:
-    """Bytes as GiB (or MiB below 1 GiB)."""
-    return f"{n / GiB:.2f} GiB" if abs(n) >= GiB else f"{n / (1 << 20):.1f} MiB"
-
-
-@dataclass
-class Component:
-    """One line of the plan. ``counted`` is False for the transient that is not at the peak."""
-
-    key: str
-    label: str
-    nbytes: int
-    detail: str = ""
-    counted: bool = True
 
 
 @dataclass

@@ -53,7 +53,7 @@ def per_process(comps: list, shapes: ModelShapes, *, world_size: int, fsdp: bool
     process group's runtime; under FSDP2 sharded as the module docstring says."""
     from dataclasses import replace
 
-    from .planner import Component, format_size
+    from .components import Component, format_size
 
     n = world_size
     by = {c.key: c for c in comps}
