@@ -176,3 +176,12 @@ def test_unknown_layer_type_is_named_with_its_share():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         modulora.load(tiny("llama"), "rtn-4bit", lora=None, modules_to_not_convert=["o_proj"])
+
+
+def test_linears_left_out_of_the_targets_are_not_reported_as_unpackable():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        q = modulora.load(tiny("llama"), "rtn-4bit", lora=None, targets=["q_proj", "v_proj"])
+    cov = coverage(q)
+    assert cov.dense == {} and "model.layers.0.mlp.down_proj.weight" in cov.by_design
+    assert 0 < cov.fraction < 1
