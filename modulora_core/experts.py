@@ -15,7 +15,6 @@ in the fused layout, for a dense export that stock transformers loads.
 from __future__ import annotations
 
 import re
-from typing import Any
 
 import torch
 from torch import nn
@@ -157,11 +156,14 @@ def expert_groups(model: nn.Module, names: list[str]) -> dict[str, str]:
     return out
 
 
-def experts_summary(model: nn.Module) -> dict[str, Any]:
-    """Counts for reports: experts modules, experts per module, and matrices per expert."""
-    mods = [m for _, m in model.named_modules() if is_unfused_experts(m) or is_fused_experts(m)]
-    if not mods:
-        return {"experts_modules": 0}
-    m = mods[0]
-    n = m._modulora_num_experts if is_unfused_experts(m) else m.down_proj.shape[0]
-    return {"experts_modules": len(mods), "experts_per_module": int(n), "matrices_per_expert": 2}
+def has_unfused_experts(model: nn.Module) -> bool:
+    """Whether any experts module of ``model`` went through :func:`unfuse_experts`."""
+    return any(is_unfused_experts(m) for m in model.modules())
+
+
+def expert_parameter_modules(model: nn.Module, target: str) -> list[str]:
+    """The per-expert modules standing for PEFT ``target_parameters`` entry ``target`` (a fused parameter
+    name or ``.``-suffix, ``"mlp.experts.down_proj"``): ``[..., "mlp.experts.<e>.down_proj", ...]``."""
+    return [f"{n}.{e}.{p}" for n, m in model.named_modules() if is_unfused_experts(m) for p in projections(m)
+            if f"{n}.{p}" == target or f"{n}.{p}".endswith("." + target)
+            for e in range(m._modulora_num_experts)]

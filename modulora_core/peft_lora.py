@@ -108,19 +108,19 @@ def experts_targets(peft_config: Any, model: nn.Module) -> None:
     PEFT reaches fused experts through ``target_parameters`` (``"mlp.experts.gate_up_proj"``); here those
     become the per-expert modules (``mlp.experts.<e>.gate_up_proj``), which get PEFT's usual LoRA layer.
     """
-    from .experts import is_unfused_experts, projections
+    from .experts import expert_parameter_modules
 
     wanted = list(getattr(peft_config, "target_parameters", None) or [])
     if not wanted:
         return
-    found, kept = [], []
-    experts = [(n, m) for n, m in model.named_modules() if is_unfused_experts(m)]
+    kept, modules = [], set()
     for t in wanted:
-        hits = [f"{n}.{e}.{p}" for n, m in experts for p in projections(m) if f"{n}.{p}" == t
-                or f"{n}.{p}".endswith("." + t) for e in range(m._modulora_num_experts)]
-        (found if hits else kept).append(t)
-        peft_config.target_modules = sorted({*_as_set(peft_config.target_modules), *hits}) if hits else \
-            peft_config.target_modules
+        hits = expert_parameter_modules(model, t)
+        modules.update(hits)
+        if not hits:
+            kept.append(t)
+    if modules:
+        peft_config.target_modules = sorted({*_as_set(peft_config.target_modules), *modules})
     peft_config.target_parameters = kept or None
 
 
@@ -146,9 +146,9 @@ def _patch_moe_config_conversion() -> None:
 
     @functools.wraps(original)
     def convert(peft_config: Any, model: nn.Module, conversions: Any = None) -> None:
-        from .experts import is_unfused_experts
+        from .experts import has_unfused_experts
 
-        if any(is_unfused_experts(m) for m in model.modules()):
+        if has_unfused_experts(model):
             experts_targets(peft_config, model)
             return None
         return original(peft_config, model=model, conversions=conversions)
@@ -161,10 +161,10 @@ def _patch_moe_config_conversion() -> None:
     @functools.wraps(original_sd)
     def convert_state_dict(model: nn.Module, peft_config: Any, adapter_state_dict: dict[str, Any],
                            adapter_name: str = "default") -> dict[str, Any]:
-        from .experts import is_unfused_experts
+        from .experts import has_unfused_experts
 
         # per-expert adapter keys (experts.<e>.down_proj.lora_A) would be taken for transformers 4 keys
-        if any(is_unfused_experts(m) for m in model.modules()):
+        if has_unfused_experts(model):
             return adapter_state_dict
         return original_sd(model=model, peft_config=peft_config, adapter_state_dict=adapter_state_dict,
                            adapter_name=adapter_name)

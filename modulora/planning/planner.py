@@ -259,15 +259,14 @@ def _lora_targets(lora: LoraConfig | None, config: Any) -> list[str] | str | Non
 
 def _with_expert_parameters(t: list[str] | str | None, params: list[str], config: Any) -> list[str]:
     """Full names of the linears ``t`` matches plus the per-expert modules of ``target_parameters``."""
-    from modulora_core.experts import is_unfused_experts, projections
+    from modulora_core.experts import expert_parameter_modules, is_unfused_experts, projections
     from modulora_core.surgery import select_targets
 
     model = _meta_model(config)
     names = set(select_targets(model, t)) if t else set()
     experts = [(n, m) for n, m in model.named_modules() if is_unfused_experts(m)]
     for want in params:
-        hits = [f"{n}.{e}.{p}" for n, m in experts for p in projections(m)
-                if f"{n}.{p}" == want or f"{n}.{p}".endswith("." + want) for e in range(m._modulora_num_experts)]
+        hits = expert_parameter_modules(model, want)
         if not hits:
             known = sorted({f"{n.rsplit('.', 2)[-2]}.{n.rsplit('.', 1)[-1]}.{p}" for n, m in experts
                             for p in projections(m)}) or ["(this model has no MoE experts)"]
