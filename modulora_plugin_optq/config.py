@@ -24,6 +24,10 @@ class OPTQConfig(QuantizerConfig):
     sym: bool = Field(True, description="symmetric (zero fixed at 2^(bits-1)) instead of min-max asymmetric")
     desc_act: bool = Field(
         False, description="act-order: quantize input columns by descending Hessian diagonal")
+    act_group_aware: bool = Field(
+        True, description="group-aware reordering (GPTQModel's default): with act-order off and groups, quantize "
+        "whole groups by importance and each group's columns by descending Hessian diagonal; g_idx stays "
+        "i // group_size. Act-order, when on, sets the order instead")
     static_groups: bool = Field(
         False, description="fix every group's scale/zero from the original weight first (with act-order "
         "this keeps g_idx monotonic)")
@@ -60,7 +64,8 @@ def to_gptq_config(config: OPTQConfig, *, lm_head: bool = False, version: str = 
         "static_groups": config.static_groups, "damp_percent": config.damp_percent, "true_sequential": True,
         "pack_dtype": "int32", "lm_head": lm_head,
         "meta": {"quantizer": [f"modulora-optq:{version}"], "damp_percent": config.damp_percent,
-                 "static_groups": config.static_groups, "act_group_aware": False},
+                 "static_groups": config.static_groups,
+                 "act_group_aware": config.act_group_aware and not config.desc_act and config.group_size > 0},
     }
 
 
@@ -78,12 +83,15 @@ def from_gptq_config(qc: dict[str, Any], where: str) -> tuple[OPTQConfig, int]:
     if qc.get("dynamic"):
         raise CheckpointError(f"{where}: per-module `dynamic` overrides are not supported; every module must "
                               "share one bits/group_size")
+    desc_act, group = bool(qc.get("desc_act", False)), int(qc.get("group_size", 128))
+    # the order GPTQ used does not change how the weights decode; where it could not apply, keep our default
+    gar = bool(meta.get("act_group_aware", True)) or desc_act or group <= 0
     try:
         cfg = OPTQConfig(
-            bits=int(qc.get("bits", 4)), group_size=int(qc.get("group_size", 128)),
-            sym=bool(qc.get("sym", True)), desc_act=bool(qc.get("desc_act", False)),
+            bits=int(qc.get("bits", 4)), group_size=group, sym=bool(qc.get("sym", True)), desc_act=desc_act,
             static_groups=bool(qc.get("static_groups", meta.get("static_groups", False))),
             damp_percent=float(qc.get("damp_percent", meta.get("damp_percent", 0.01))),
+            act_group_aware=gar,
         )
     except (ValueError, QuantizerConfigError) as e:
         raise CheckpointError(f"{where}: GPTQ settings the optq plugin cannot read: {e}") from e

@@ -1,6 +1,7 @@
 """The OPTQ / GPTQ algorithm (Frantar et al., ICLR 2023) on one ``[out, in]`` weight: pure tensors in and out.
 
-Columns are quantized one at a time (in Hessian-diagonal order with act-order); each column's rounding
+Columns are quantized one at a time (in Hessian-diagonal order with act-order, or group by group in
+group-aware order, see :func:`group_aware_order`); each column's rounding
 error is spread over the columns not yet quantized through the upper Cholesky factor ``U`` of ``H^-1``
 (``H = X^T X`` plus dampening). Columns go in blocks of ``block_size``: inside a block the feedback is
 applied column by column, to the rest of the weight once per block (the "lazy batch" update), which keeps
@@ -81,9 +82,31 @@ def inverse_cholesky(h: torch.Tensor, damp_percent: float) -> torch.Tensor:
     )
 
 
+def group_aware_order(diag: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Group-aware reordering (GAR, Gafni et al. 2025): the column order ``perm`` ``[in]`` (position -> column).
+
+    Whole groups go by descending importance (their largest Hessian diagonal entry), and inside each group the
+    columns by descending diagonal: GPTQ quantizes the important columns first, while their error can still be
+    absorbed by the rest, yet every group keeps its columns, so ``g_idx`` stays ``i // group_size`` and the
+    checkpoint is an ordinary act-order-off one. A ragged last group stays last, in its own order.
+    """
+    n = diag.shape[0]
+    full = n // group_size
+    d = diag[: full * group_size].view(full, group_size)
+    vals, local = torch.sort(d, dim=1, descending=True, stable=True)  # (G, gs)
+    order = torch.argsort(vals[:, 0], descending=True, stable=True)  # (G,)
+    base = torch.arange(full, device=diag.device).unsqueeze(1) * group_size
+    perm = (local + base)[order].reshape(-1)
+    return torch.cat([perm, torch.arange(full * group_size, n, device=diag.device)])
+
+
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_size: int, sym: bool,
-                  desc_act: bool, static_groups: bool, damp_percent: float, block_size: int) -> GPTQResult:
-    """GPTQ-quantize ``weight`` ``[out, in]`` against ``hessian`` ``[in, in]``; inputs are not modified."""
+                  desc_act: bool, static_groups: bool, damp_percent: float, block_size: int,
+                  act_group_aware: bool = False) -> GPTQResult:
+    """GPTQ-quantize ``weight`` ``[out, in]`` against ``hessian`` ``[in, in]``; inputs are not modified.
+
+    ``act_group_aware`` (group-aware order) applies only with act-order off and groups (``group_size > 0``).
+    """
     out_f, in_f = weight.shape
     maxq = (1 << bits) - 1
     dev = weight.device  # every tensor below lives here: a CUDA weight is quantized on its GPU
@@ -100,7 +123,12 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, gro
         params = [group_params(w[:, g * gs:(g + 1) * gs], bits, sym) for g in range(n_groups)]
         static = (torch.stack([p[0] for p in params]), torch.stack([p[1] for p in params]))  # (G, out) x2
 
-    perm = torch.argsort(h.diagonal(), descending=True, stable=True) if desc_act else None
+    gar = act_group_aware and not desc_act and group_size > 0
+    perm = None
+    if desc_act:
+        perm = torch.argsort(h.diagonal(), descending=True, stable=True)
+    elif gar:
+        perm = group_aware_order(h.diagonal(), gs)
     if perm is not None:
         w, h = w[:, perm], h[perm][:, perm]
     u = inverse_cholesky(h, damp_percent)  # (in, in)
@@ -110,6 +138,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, gro
     cols = torch.arange(in_f, device=dev)
     orig_col = perm if perm is not None else cols
     col_group = orig_col // gs if static is not None else cols // gs
+    # a dynamic group's slot in scales/zeros: act-order's groups are runs of the processing order; GAR's are
+    # the original groups, each processed whole (a Python list: no device sync per group)
+    dyn_slot = (orig_col // gs if gar else cols // gs).tolist()
     codes = torch.empty(out_f, in_f, dtype=torch.uint8, device=dev)
     scales = torch.empty(n_groups, out_f, device=dev)
     zeros = torch.empty(n_groups, out_f, device=dev)
@@ -135,7 +166,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, gro
                 if static is None:
                     if col % gs == 0:
                         s, z = group_params(w1[:, i: i + gs], bits, sym)
-                        scales[col // gs], zeros[col // gs] = s, z
+                        scales[dyn_slot[col]], zeros[dyn_slot[col]] = s, z
                 else:
                     s, z = col_scale[:, col], col_zero[:, col]
                 x = w1[:, i]

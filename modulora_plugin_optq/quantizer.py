@@ -85,7 +85,8 @@ class OPTQQuantizer(Quantizer):
                                      "check how it was accumulated")
         res = gptq_quantize(weight, hessian, bits=config.bits, group_size=config.group_size, sym=config.sym,
                             desc_act=config.desc_act, static_groups=config.static_groups,
-                            damp_percent=config.damp_percent, block_size=config.block_size)
+                            damp_percent=config.damp_percent, block_size=config.block_size,
+                            act_group_aware=config.act_group_aware)
         return {"result": res, "config": config, "shape": tuple(int(s) for s in weight.shape),
                 "dtype": weight.dtype}
 

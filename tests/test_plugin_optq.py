@@ -28,7 +28,7 @@ from modulora_core.peft_lora import QuantizedLoraLinear
 from modulora_core.testing import QuantizerConformance
 from modulora_core.testing.weights import gaussian_weight, synthetic_hessian
 from modulora_plugin_optq import OPTQConfig, OPTQQuantizer
-from modulora_plugin_optq.gptq import group_params
+from modulora_plugin_optq.gptq import group_aware_order, group_params
 from modulora_plugin_optq.gptq_format import load_gptq
 from modulora_plugin_optq.packing import pack_rows, unpack_rows, zeros_v1_to_v2, zeros_v2_to_v1
 
@@ -120,6 +120,15 @@ def test_act_order_g_idx():
     assert torch.equal(static.tensors["g_idx"], (torch.arange(256) // 64).int())
 
 
+def test_group_aware_order_keeps_groups_whole_and_g_idx_plain():
+    diag = torch.tensor([1.0, 5.0, 2.0, 0.5, 9.0, 3.0, 7.0])  # groups of 2: (1, 5), (2, .5), (9, 3), tail (7)
+    assert group_aware_order(diag, 2).tolist() == [4, 5, 1, 0, 2, 3, 6]  # by group max, then inside each group
+    w, h = gaussian_weight((32, 96), 6), synthetic_hessian(96, 6)  # 96 = 64 + 32: a ragged last group
+    p = Q.quantize_weight(w, OPTQConfig(bits=3, group_size=64, act_group_aware=True), h)
+    assert torch.equal(p.tensors["g_idx"], (torch.arange(96) // 64).int())  # an ordinary act-order-off layout
+    assert float((Q.materialize(p, dtype=torch.float32) - w).norm() / w.norm()) < 0.35
+
+
 def test_dead_inputs_become_zero_columns():
     w, h = gaussian_weight((32, 128), 3), synthetic_hessian(128, 3)
     dead = torch.tensor([0, 5, 77])
@@ -199,7 +208,25 @@ def ours(tmp_path_factory):
     peft_model = modulora.load(root / "dense", OPTQConfig(bits=4, group_size=32, desc_act=True), calibration=CALIB)
     assert isinstance(peft_model, PeftModel)
     modulora.save_quantized(peft_model, root / "gptq", format="gptq")  # the adapters are left out
+    # and at the defaults: group-aware order, which must leave an ordinary act-order-off checkpoint
+    gar = modulora.load(root / "dense", OPTQConfig(bits=3, group_size=32), calibration=CALIB, lora=None)
+    modulora.save_quantized(gar, root / "gptq_gar", format="gptq")
     return root, peft_model.unload()
+
+
+def test_group_aware_checkpoint_is_plain_gptq_and_reads_back(ours):
+    root, _ = ours
+    qc = json.loads((root / "gptq_gar" / "config.json").read_text())["quantization_config"]
+    assert (qc["desc_act"], qc["meta"]["act_group_aware"]) == (False, True)
+    back = modulora.load(root / "gptq_gar", lora=None)
+    assert back.config.quantization_config.preset == "optq"
+    files = load_file(root / "gptq_gar" / "model.safetensors")
+    layers = dict(modulora.iter_quantized_layers(back))
+    assert len(layers) == 14
+    for name, m in layers.items():
+        assert torch.equal(files[f"{name}.g_idx"], (torch.arange(m.in_features) // 32).int()), name
+        for k, t in m.packed.tensors.items():
+            assert torch.equal(t, files[f"{name}.{k}"]), f"{name}.{k}"
 
 
 def test_saved_gptq_checkpoint_is_read_back_bit_for_bit(ours, tmp_path):
@@ -337,7 +364,9 @@ def test_broken_gptq_checkpoints_are_clear_errors(ours, tmp_path):
 
 
 # -- interop with GPTQModel and transformers (one subprocess) ---------------------------------------------------
-JOBS = {"g4": dict(bits=4, group_size=32), "g3": dict(bits=3, group_size=32, sym=False, desc_act=True)}
+JOBS = {"g4": dict(bits=4, group_size=32), "g3": dict(bits=3, group_size=32, sym=False, desc_act=True),
+        # GPTQModel at its defaults (dampening, group-aware order): still an act-order-off checkpoint
+        "gdef": dict(bits=3, group_size=32, damp_percent=None, act_group_aware=None)}
 
 
 @pytest.fixture(scope="module")
@@ -367,6 +396,9 @@ def test_gptqmodel_checkpoint_loads_as_written_and_as_it_dequantizes(reference, 
         torch.testing.assert_close(m.dequantize(torch.float16), ref[job]["weights"][name], rtol=0, atol=0)
     if job == "g3":
         assert any(bool((m.packed.tensors["g_idx"].diff() < 0).any()) for m in layers.values())
+    if job == "gdef":
+        assert all(torch.equal(m.packed.tensors["g_idx"], torch.arange(m.in_features, dtype=torch.int32) // 32)
+                   for m in layers.values())
     out = logits(model)
     # float32 here, float16-rounded weights there: the weights above are the exact check
     torch.testing.assert_close(out, ref[job]["logits"], rtol=0, atol=1e-2 * float(out.abs().max()))
@@ -382,8 +414,17 @@ def test_transformers_loads_our_gptq_checkpoint_with_the_same_weights_and_logits
     torch.testing.assert_close(out, ref["gptq"]["logits"], rtol=0, atol=1e-2 * float(out.abs().max()))
 
 
+@NEEDS_GPTQ
+def test_transformers_loads_our_group_aware_checkpoint_with_the_same_weights(reference):
+    root, ref = reference
+    back = modulora.load(root / "gptq_gar", lora=None)
+    for name, m in modulora.iter_quantized_layers(back):
+        torch.testing.assert_close(m.dequantize(torch.float16), ref["gptq_gar"]["weights"][name], rtol=0, atol=0)
+
+
 # the solver alone, pipeline taken out: GPTQModel's GPTQ class and ours on the very same weight and Hessian
-SOLVER_CASES = [(bits, act) for bits in (2, 3, 4) for act in (False, True)]
+SOLVER_CASES = [(bits, order) for bits in (2, 3, 4) for order in ("plain", "act", "gar")]
+ORDERS = {"plain": {}, "act": {"desc_act": True}, "gar": {"act_group_aware": True}}  # each order's settings
 
 
 def solver_case(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -400,8 +441,8 @@ def solver_case(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @NEEDS_GPTQ
-@pytest.mark.parametrize(("bits", "desc_act"), SOLVER_CASES)
-def test_solver_matches_gptqmodels_on_the_same_hessian(reference, bits, desc_act):
+@pytest.mark.parametrize(("bits", "order"), SOLVER_CASES)
+def test_solver_matches_gptqmodels_on_the_same_hessian(reference, bits, order):
     # measured: the two agree within 0.4% here, and on SmolLM2's real Hessians within 0.1% in total over 28
     # layers (benchmarks/bench_optq_solver.py); a real difference in the algorithm shows up as several percent
     _, ref = reference
@@ -413,8 +454,9 @@ def test_solver_matches_gptqmodels_on_the_same_hessian(reference, bits, desc_act
             e = (w - q).double()
             return float(torch.trace(e @ h.double() @ e.T))
 
-        ours_err += out_err(dense(OPTQConfig(bits=bits, group_size=128, desc_act=desc_act), w, h))
-        theirs_err += out_err(ref["solver"][(bits, desc_act, seed)])
+        cfg = OPTQConfig(bits=bits, group_size=128, damp_percent=0.01, **{"act_group_aware": False, **ORDERS[order]})
+        ours_err += out_err(dense(cfg, w, h))
+        theirs_err += out_err(ref["solver"][(bits, order, seed)])
     assert abs(ours_err / theirs_err - 1) < 0.01, (ours_err, theirs_err)
 
 
@@ -459,14 +501,14 @@ def _reference_main(root: Path) -> None:
 
     ids = torch.load(root / "ids.pt")
     out = {}
-    for name in [*JOBS, "gptq"]:
+    for name in [*JOBS, "gptq", "gptq_gar"]:
         m = AutoModelForCausalLM.from_pretrained(root / name, dtype=torch.float32, device_map="cpu").eval()
         weights = {n: mod.dequantize_weight().T.contiguous() for n, mod in m.named_modules()
                    if hasattr(mod, "dequantize_weight") and hasattr(mod, "qweight")}
         with torch.no_grad():
             out[name] = {"logits": m(ids).logits, "weights": weights}
-    out["solver"] = {(bits, act, seed): gptqmodel_layer(*solver_case(seed), GPTQModelJob("", bits=bits, desc_act=act))
-                     for bits, act in SOLVER_CASES for seed in (0, 1)}
+    out["solver"] = {(bits, order, seed): gptqmodel_layer(*solver_case(seed), GPTQModelJob("", bits=bits, **ORDERS[order]))
+                     for bits, order in SOLVER_CASES for seed in (0, 1)}
     torch.save(out, root / "reference.pt")
 
 
