@@ -21,6 +21,7 @@ from torch import nn
 
 from .calibration_data import Calibration
 from .errors import CalibrationError
+from .quantizer import BlockTune
 
 QuantizeFn = Callable[[str, torch.Tensor], None]  # (module name, Hessian [in, in]) -> swaps the module
 
@@ -205,11 +206,12 @@ def accumulate_hessians(block: nn.Module, prefix: str, names: list[str], batches
 
 
 def quantize_blockwise(model: nn.Module, names: list[str], tokens: torch.Tensor, quantize: QuantizeFn,
-                       cal: Calibration, desc: str = "calibrating") -> None:
+                       cal: Calibration, desc: str = "calibrating", tune: BlockTune | None = None) -> None:
     """Quantize ``names`` (linears inside the decoder blocks) with Hessians from ``tokens`` ``[n, t]``.
 
     ``quantize(name, hessian)`` must replace module ``name`` by its quantized form; the next stage and
-    block see its output. A progress bar counts blocks.
+    block see its output. ``tune``: called on each block once its linears are quantized, with the
+    unquantized block's outputs on the same inputs as targets. A progress bar counts blocks.
     """
     from tqdm.auto import tqdm
 
@@ -250,6 +252,7 @@ def quantize_blockwise(model: nn.Module, names: list[str], tokens: torch.Tensor,
             for i in tqdm(range(last + 1), desc=desc, unit="block", disable=not cal.progress):
                 block, prefix = blocks[i], f"{stack}.{i}."
                 targets = per_block.get(i, [])
+                wanted = [_first(b.call(block)) for b in batches] if targets and tune is not None else None
                 if targets:
                     rel = tuple(n[len(prefix):] for n in targets)
                     if not cal.true_sequential:
@@ -263,6 +266,9 @@ def quantize_blockwise(model: nn.Module, names: list[str], tokens: torch.Tensor,
                         hessians = accumulate_hessians(block, prefix, stage, batches, groups, unrouted)
                         for n in stage:
                             quantize(n, hessians.pop(n))
+                    if wanted is not None:
+                        tune(block, list(rel), lambda j, blk=block: _first(batches[j].call(blk)), wanted)
+                        del wanted
                 if i < last:
                     for b in batches:  # the quantized block's outputs are the next block's inputs
                         b.hidden = _first(b.call(block))

@@ -98,6 +98,13 @@ class LoraInit:
         self.factors[name] = (B0, A0)
         return packed
 
+    def refit(self, name: str, weight: torch.Tensor, hessian: torch.Tensor | None, quantized: torch.Tensor) -> None:
+        """Factor the residual of ``weight`` ``[out, in]`` against ``quantized`` ``[out, in]`` (the dense form
+        of the packed weight after a tuning stage changed it) again, under ``name``."""
+        residual = weight.detach().to(torch.float32) - quantized.to(torch.float32)
+        self.factors[name] = low_rank_residual(residual, self.rank, hessian if self.activation_aware else None,
+                                               self.damp)
+
 
 def apply_lora_init(model: nn.Module, factors: Mapping[str, Factors], adapter_name: str = "default") -> list[str]:
     """Write ``factors`` into the LoRA layers of ``model`` (a ``PeftModel`` or the model it wraps) so that

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -17,6 +18,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import InvalidWeightError, QuantizerConfigError
+
+# A quantizer's tuning of one decoder block after calibration quantized its linears, in place:
+# (block, names of its quantized linears relative to the block, run, targets), where run(j) is the block's
+# output [b, t, d] on calibration batch j (autograd is up to the tuner) and targets[j] the unquantized
+# block's output on the same inputs.
+BlockTune = Callable[[Any, list[str], Callable[[int], torch.Tensor], list[torch.Tensor]], None]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -211,6 +218,11 @@ class Quantizer(ABC):
 
         None (the default) means "not for this weight": the caller materializes instead.
         """
+        return None
+
+    def block_tuner(self, config: QuantizerConfig) -> BlockTune | None:
+        """A tuning stage run on each decoder block once calibration quantized its linears (QuIP#'s
+        fine-tuning); None (the default): none."""
         return None
 
     def packed_nbytes(self, shape: tuple[int, int], config: QuantizerConfig) -> int:

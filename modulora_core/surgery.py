@@ -24,7 +24,7 @@ from .experts import unfuse_experts
 from .layouts import CONV1D, is_conv1d, is_quantizable, is_router, linear_weight, matches_target
 from .lora_init import LoraInit
 from .qlinear import QuantizedLinear, iter_quantized_layers
-from .quantizer import PackedWeight, Quantizer
+from .quantizer import BlockTune, PackedWeight, Quantizer
 from .registry import Preset, get_preset
 
 if TYPE_CHECKING:
@@ -136,9 +136,12 @@ def replace_linear(model: nn.Module, name: str, packed: PackedWeight, quantizer:
 
 
 def _swap_in(model: nn.Module, name: str, bq: Preset, chunk_rows: int | None,
-             hessian: torch.Tensor | None, lora_init: LoraInit | None = None) -> None:
+             hessian: torch.Tensor | None, lora_init: LoraInit | None = None,
+             keep: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None) -> None:
     old = model.get_submodule(name)
     weight = linear_weight(old)  # (out, in); a transposed view for Conv1D and some experts
+    if keep is not None:  # a tuning stage will change the packed weight: the residual is refit after it
+        keep[name] = (weight.detach(), hessian)
     if lora_init is None:
         packed = bq.quantize(weight.to(torch.float32).contiguous(), hessian)
     else:  # the residual W − W_q needs the dense weight, which is gone after this call
@@ -164,6 +167,19 @@ class QuantizeOptions:
     lora_init: LoraInit | None = None  # residual LoRA factors, recorded while each dense weight is in hand
 
 
+def _refitting(tune: BlockTune, model: nn.Module, lora_init: LoraInit,
+               keep: dict[str, tuple[torch.Tensor, torch.Tensor | None]]) -> BlockTune:
+    """``tune``, then the residual LoRA factors of the block's layers refit against their tuned weights
+    (their dense weights, in ``keep``, are dropped after)."""
+    def run(block: nn.Module, names: list[str], forward: Any, targets: list[torch.Tensor]) -> None:
+        tune(block, names, forward, targets)
+        for name, (weight, hessian) in keep.items():
+            layer = model.get_submodule(name)
+            lora_init.refit(name, weight.to(torch.float32), hessian, layer.dequantize(torch.float32))
+        keep.clear()
+    return run
+
+
 def quantize_model(model: PreTrainedModel, preset: str | Any, opts: QuantizeOptions | None = None,
                    *, source: Any = None) -> list[str]:
     """Quantize the targeted linears of ``model`` in place with ``preset`` (a name, config or Preset).
@@ -187,8 +203,13 @@ def quantize_model(model: PreTrainedModel, preset: str | Any, opts: QuantizeOpti
     tied_before = set(tied) | set(tied.values())
     if isinstance(cal, Calibration):  # Hessians from data, one decoder block at a time
         src = source or getattr(model, "name_or_path", None) or None
+        tune = bq.quantizer.block_tuner(bq.config)
+        keep = {} if tune is not None and opts.lora_init is not None else None
+        if keep is not None:
+            tune = _refitting(tune, model, opts.lora_init, keep)
         quantize_blockwise(model, names, calibration_tokens(cal, src),
-                           lambda n, h: _swap_in(model, n, bq, opts.chunk_rows, h, opts.lora_init), cal, desc=bq.name)
+                           lambda n, h: _swap_in(model, n, bq, opts.chunk_rows, h, opts.lora_init, keep), cal,
+                           desc=bq.name, tune=tune)
     else:
         for name in names:
             _swap_in(model, name, bq, opts.chunk_rows, None if cal is None else cal[name], opts.lora_init)

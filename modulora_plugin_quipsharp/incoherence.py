@@ -28,7 +28,13 @@ def pack_signs(signs: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_signs(packed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Inverse of :func:`pack_signs`: ``[n / 8]`` uint8 -> ``[n]`` +-1 in ``dtype``."""
+    """Inverse of :func:`pack_signs`: ``[n / 8]`` uint8 -> ``[n]`` +-1 in ``dtype``.
+
+    A floating ``[n]`` tensor is a sign vector stored as real values (tuned by :mod:`.finetune`): returned
+    as it is, in ``dtype``.
+    """
+    if packed.is_floating_point():
+        return packed.to(dtype)
     bits = (packed[:, None] >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1
     return (1 - 2 * bits.to(torch.int8)).reshape(-1).to(dtype)
 

@@ -4,7 +4,9 @@ Storage of an ``[m, n]`` weight (``m``, ``n`` multiples of 8):
 
 - ``codes`` int16 ``[m, n / 8]``: E8P codes (the 16 bits read as unsigned) of the rotated, scaled weight;
 - 3 bits: ``codes_residual`` uint8 ``[m, n / 8]`` (1-bit E8 codebook); 4 bits: int16 ``[m, n / 8]`` (E8P);
-- ``su`` uint8 ``[n / 8]``, ``sv`` uint8 ``[m / 8]``: the random sign vectors, one bit per sign;
+- ``su`` uint8 ``[n / 8]``, ``sv`` uint8 ``[m / 8]``: the random sign vectors, one bit per sign; with
+  ``ft_steps`` > 0, float16 ``[n]`` and ``[m]``: the sign vectors relaxed to reals and tuned per decoder block
+  (:mod:`.finetune`; format version 2, which still reads version 1's bits);
 - ``scale`` float32 ``[1]``: ``RMS(W~) / opt_scale``;
 - ``rot_in`` / ``rot_out`` float32 ``[K, K]``: only for a size with no Hadamard construction here.
 
@@ -24,6 +26,7 @@ import torch
 from pydantic import Field
 
 from modulora_core import (
+    BlockTune,
     Capabilities,
     CheckpointError,
     InvalidWeightError,
@@ -63,6 +66,12 @@ class QuipSharpConfig(QuantizerConfig):
     )
     ldlq: bool = Field(True, description="BlockLDLQ error feedback (needs calibration); False: plain rounding")
     seed: int = Field(0, ge=0, description="seed of the random sign vectors SU, SV (stored with the weight)")
+    ft_steps: int = Field(0, ge=0, description="Adam steps per decoder block tuning the sign vectors (as reals, "
+                          "stored float16) and the block's norms against the unquantized block's outputs on the "
+                          "calibration tokens; 0: no fine-tuning stage (signs stored as bits)")
+    ft_lr: float = Field(1e-3, gt=0, le=1, description="Adam learning rate of the fine-tuning stage")
+    ft_norms: bool = Field(True, description="the fine-tuning stage also tunes the block's vector parameters "
+                           "(norm weights, biases), which the checkpoint stores dense")
 
 
 PRESETS: dict[str, QuipSharpConfig] = {
@@ -75,6 +84,8 @@ def storage_spec(config: QuipSharpConfig, shape: tuple[int, int]) -> dict[str, t
     m, n = shape
     spec = {"codes": (torch.int16, (m, n // BLOCK)), "su": (torch.uint8, (n // 8,)), "sv": (torch.uint8, (m // 8,)),
             "scale": (torch.float32, (1,))}
+    if config.ft_steps:  # tuned sign vectors are real values
+        spec["su"], spec["sv"] = (torch.float16, (n,)), (torch.float16, (m,))
     if config.bits == 3:
         spec["codes_residual"] = (torch.uint8, (m, n // BLOCK))
     elif config.bits == 4:
@@ -91,7 +102,7 @@ class QuipSharpQuantizer(Quantizer):
 
     name = "quip#"
     config_class = QuipSharpConfig
-    format_version = 1
+    format_version = 2  # 2: float16 sign vectors when ft_steps > 0; version 1 (bits only) still loads
 
     def capabilities(self, config: QuipSharpConfig) -> Capabilities:
         bound = BOUND_MARGIN * _MEASURED[config.bits]
@@ -106,7 +117,8 @@ class QuipSharpQuantizer(Quantizer):
             max_relative_error=bound,
             max_relative_error_heavy_tailed=bound,  # incoherence makes heavy tails look Gaussian
             # the signs cost (m + n) bits and the scale 32: 0.028 bits/weight for 64 x 128, less beyond
-            max_bits_per_weight=config.bits + 0.03,
+            # float16 signs (ft_steps > 0): 16 (m + n) / (m n), 0.375 for 64 x 128, 0.06 for 576 x 576
+            max_bits_per_weight=config.bits + (0.4 if config.ft_steps else 0.03),
         )
 
     # -- quantize ------------------------------------------------------------------------------------------
@@ -154,8 +166,9 @@ class QuipSharpQuantizer(Quantizer):
     def pack(self, state: dict) -> PackedWeight:
         cfg: QuipSharpConfig = state["config"]
         inc: Incoherence = state["inc"]
-        tensors = {"codes": to_int16(state["first"]).contiguous(), "su": pack_signs(inc.su),
-                   "sv": pack_signs(inc.sv), "scale": state["scale"].contiguous()}
+        signs = (lambda v: v.to(torch.float16)) if cfg.ft_steps else pack_signs  # noqa: E731
+        tensors = {"codes": to_int16(state["first"]).contiguous(), "su": signs(inc.su),
+                   "sv": signs(inc.sv), "scale": state["scale"].contiguous()}
         if cfg.bits == 3:
             tensors["codes_residual"] = state["second"].to(torch.uint8).contiguous()
         elif cfg.bits == 4:
@@ -178,6 +191,9 @@ class QuipSharpQuantizer(Quantizer):
 
     def unpack(self, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> PackedWeight:
         packed = super().unpack(tensors, metadata)
+        if packed.format_version == 1:  # before the fine-tuning stage: signs as bits, whatever ft_steps defaults to
+            packed.config = packed.config.model_copy(update={"ft_steps": 0})
+            packed.format_version = self.format_version
         if packed.format_version != self.format_version:
             raise CheckpointError(f"quip# packed weight has format_version {packed.format_version}; this plugin "
                                   f"reads {self.format_version}")
@@ -191,6 +207,15 @@ class QuipSharpQuantizer(Quantizer):
                 raise CheckpointError(f"quip# packed tensor {key!r} of a {packed.shape} weight is {t.dtype} "
                                       f"{tuple(t.shape)}; expected {dtype} {shp}")
         return packed
+
+    def block_tuner(self, config: QuipSharpConfig) -> BlockTune | None:
+        """QuIP#'s fine-tuning stage for the calibration pipeline (:func:`.finetune.tune_block`), or None
+        when ``config.ft_steps`` is 0."""
+        if not config.ft_steps:
+            return None
+        from .finetune import tune_block
+
+        return lambda block, names, run, targets: tune_block(block, names, run, targets, config, self)
 
     # -- reading the storage -------------------------------------------------------------------------------
     @staticmethod
