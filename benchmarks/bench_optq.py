@@ -2,10 +2,11 @@
 
 Calibration text is the train split of the stdlib docstrings, evaluation text their validation and test
 splits (held out). Every configuration uses the same calibration tokens and the same storage (group 128,
-symmetric). Ours runs at our defaults (``OPTQConfig(bits=..., desc_act=...)``; ``--damp-percent`` and
-``--act-group-aware`` override them, to measure what each setting is worth); GPTQModel (when installed, or
-in the environment ``$MODULORA_GPTQMODEL_PYTHON`` names) runs at its own defaults (``--ref defaults``: its
-dampening and group-aware order) or at exactly our settings (``--ref matched``), in a subprocess, float32
+symmetric). Ours runs at our defaults (``OPTQConfig(bits=..., desc_act=...)``; ``--damp-percent``,
+``--act-group-aware`` and ``--mse`` override them, to measure what each setting is worth); GPTQModel (when
+installed, or in the environment ``$MODULORA_GPTQMODEL_PYTHON`` names) runs at its own defaults (``--ref
+defaults``: its dampening, group-aware order, no clipping search) or at exactly our settings (``--ref
+matched``), in a subprocess, float32
 on the CPU, and its checkpoints are evaluated through our GPTQ loader, which materializes exactly the
 weights GPTQModel's kernels dequantize (tests/test_plugin_optq.py). Times are the wall time of quantizing
 an already-loaded model (``modulora.load`` / GPTQModel's ``quantize()``), both with the same number of
@@ -67,9 +68,11 @@ def dense_model(d: Path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
 
 
-def our_config(bits: int, act: bool, damp_percent: float | None, act_group_aware: bool | None) -> OPTQConfig:
+def our_config(bits: int, act: bool, damp_percent: float | None, act_group_aware: bool | None,
+               mse: float | None) -> OPTQConfig:
     """Our OPTQ at group 128, symmetric: our defaults, with the overrides that are not None."""
-    over = {k: v for k, v in (("damp_percent", damp_percent), ("act_group_aware", act_group_aware)) if v is not None}
+    over = {k: v for k, v in (("damp_percent", damp_percent), ("act_group_aware", act_group_aware), ("mse", mse))
+            if v is not None}
     return OPTQConfig(bits=bits, group_size=128, sym=True, desc_act=act, **over)
 
 
@@ -78,7 +81,7 @@ def ref_job(out_dir: str, ours: OPTQConfig, ref: str) -> GPTQModelJob:
     if ref == "defaults":  # None: left to GPTQModel (act-order on turns its group-aware order off itself)
         return GPTQModelJob(out_dir, bits=ours.bits, desc_act=ours.desc_act, damp_percent=None, act_group_aware=None)
     return GPTQModelJob(out_dir, bits=ours.bits, desc_act=ours.desc_act, damp_percent=ours.damp_percent,
-                        act_group_aware=ours.act_group_aware and not ours.desc_act)
+                        act_group_aware=ours.act_group_aware and not ours.desc_act, mse=ours.mse)
 
 
 def run_ours(d: Path, calib: torch.Tensor, eval_win: torch.Tensor, cfg: OPTQConfig,
@@ -120,6 +123,7 @@ def main() -> None:
     ap.add_argument("--damp-percent", type=float, default=None, help="ours: dampening (default: OPTQConfig's)")
     ap.add_argument("--act-group-aware", choices=["on", "off"], default=None,
                     help="ours: group-aware order (default: OPTQConfig's)")
+    ap.add_argument("--mse", type=float, default=None, help="ours: clipping search norm, 0 off (default: OPTQConfig's)")
     ap.add_argument("--ref", choices=["defaults", "matched"], default="defaults",
                     help="GPTQModel at its own defaults, or at exactly our settings")
     ap.add_argument("--no-gptqmodel", action="store_true")
@@ -140,7 +144,7 @@ def main() -> None:
                                               tokenizer=tok))
     acts = {"off": (False,), "on": (True,), "both": (False, True)}[a.act_order]
     gar = None if a.act_group_aware is None else a.act_group_aware == "on"
-    cfgs = {(bits, act): our_config(bits, act, a.damp_percent, gar) for bits in a.bits for act in acts}
+    cfgs = {(bits, act): our_config(bits, act, a.damp_percent, gar, a.mse) for bits in a.bits for act in acts}
     configs = list(cfgs)
     res: dict[tuple[int, bool], dict[str, list[float]]] = {
         c: {"ours_s": [], "ours_ppl": [], "ref_s": [], "ref_ppl": []} for c in configs}
@@ -201,7 +205,7 @@ def _flags(a: argparse.Namespace, ap: argparse.ArgumentParser) -> str:
     flags = " --quick" if a.quick else ""
     quick = {"n_samples": 32, "seq_len": 256, "eval_tokens": 8192} if a.quick else {}
     for key in ("n_samples", "seq_len", "eval_tokens", "bits", "act_order", "repeats", "batch_size",
-                "damp_percent", "act_group_aware", "ref"):
+                "damp_percent", "act_group_aware", "mse", "ref"):
         val, default = getattr(a, key), quick.get(key, ap.get_default(key))
         if val != default:
             flags += f" --{key.replace('_', '-')} " + (" ".join(map(str, val)) if isinstance(val, list) else str(val))
@@ -213,8 +217,8 @@ def report(a: argparse.Namespace, res: dict, ppl_dense: float, rtn: dict[int, fl
     """The markdown section: settings, the unquantized and RTN baselines, and one row per configuration."""
     ver = ref_version or "(not run)"
     c0 = next(iter(cfgs.values()))
-    ours = (f"Ours: dampening {c0.damp_percent:g}, group-aware order "
-            f"{'on' if c0.act_group_aware else 'off'} (with act-order off). ")
+    ours = (f"Ours: dampening {c0.damp_percent:g}, group-aware order {'on' if c0.act_group_aware else 'off'} "
+            f"(with act-order off), clipping search {f'norm {c0.mse:g}' if c0.mse else 'off'}. ")
     theirs = ("GPTQModel at its own defaults (QuantizeConfig(bits=..., desc_act=...) only: its dampening and "
               "damp auto-increment, group-aware order on with act-order off). " if a.ref == "defaults" else
               "GPTQModel at exactly our settings (dampening, group-aware order). ")

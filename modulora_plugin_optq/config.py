@@ -28,11 +28,15 @@ class OPTQConfig(QuantizerConfig):
         True, description="group-aware reordering (GPTQModel's default): with act-order off and groups, quantize "
         "whole groups by importance and each group's columns by descending Hessian diagonal; g_idx stays "
         "i // group_size. Act-order, when on, sets the order instead")
+    mse: float = Field(
+        2.4, ge=0, le=8, description="clipping search: 0 off (min-max ranges); else the norm exponent p (2.4 "
+        "as in GPTQ's code): each group's range is shrunk to the factor in 1, 0.99, ..., 0.21 with the "
+        "smallest sum |w - q|^p per row, as GPTQModel's `mse` (off by default there)")
     static_groups: bool = Field(
         False, description="fix every group's scale/zero from the original weight first (with act-order "
         "this keeps g_idx monotonic)")
-    damp_percent: float = Field(0.01, gt=0, lt=1, description="dampening: this fraction of mean(diag H) is "
-                                "added to the Hessian's diagonal")
+    damp_percent: float = Field(0.05, gt=0, lt=1, description="dampening: this fraction of mean(diag H) is "
+                                "added to the Hessian's diagonal (5%, GPTQModel's default)")
     block_size: int = Field(128, ge=1, le=4096, description="columns per lazy-batch update block")
 
     @field_validator("group_size")
@@ -64,7 +68,7 @@ def to_gptq_config(config: OPTQConfig, *, lm_head: bool = False, version: str = 
         "static_groups": config.static_groups, "damp_percent": config.damp_percent, "true_sequential": True,
         "pack_dtype": "int32", "lm_head": lm_head,
         "meta": {"quantizer": [f"modulora-optq:{version}"], "damp_percent": config.damp_percent,
-                 "static_groups": config.static_groups,
+                 "static_groups": config.static_groups, "mse": config.mse,
                  "act_group_aware": config.act_group_aware and not config.desc_act and config.group_size > 0},
     }
 
@@ -91,7 +95,7 @@ def from_gptq_config(qc: dict[str, Any], where: str) -> tuple[OPTQConfig, int]:
             bits=int(qc.get("bits", 4)), group_size=group, sym=bool(qc.get("sym", True)), desc_act=desc_act,
             static_groups=bool(qc.get("static_groups", meta.get("static_groups", False))),
             damp_percent=float(qc.get("damp_percent", meta.get("damp_percent", 0.01))),
-            act_group_aware=gar,
+            act_group_aware=gar, mse=float(meta.get("mse", OPTQConfig.model_fields["mse"].default)),
         )
     except (ValueError, QuantizerConfigError) as e:
         raise CheckpointError(f"{where}: GPTQ settings the optq plugin cannot read: {e}") from e

@@ -32,10 +32,13 @@ class GPTQResult:
     g_idx: torch.Tensor
 
 
-def group_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min-max scale (float16-representable, as float32) and integer zero ``[out]`` of columns ``w`` ``[out, k]``.
+def group_params(w: torch.Tensor, bits: int, sym: bool, mse: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (float16-representable, as float32) and integer zero ``[out]`` of columns ``w`` ``[out, k]``.
 
-    The range always contains 0; symmetric puts the zero at ``2^(bits-1)``, as GPTQ's v1 checkpoints do.
+    Min-max: the range always contains 0; symmetric puts the zero at ``2^(bits-1)``, as GPTQ's v1 checkpoints
+    do. With ``mse > 0`` (a norm exponent, 2.4 in GPTQ's code) each row's range is also shrunk by factors
+    1, 0.99, ..., 0.21 and the one whose rounding error ``sum |w - q|^mse`` is smallest is kept: clipping a
+    few outliers buys a finer grid for the rest.
     """
     maxq = (1 << bits) - 1
     lo = w.amin(dim=1).clamp(max=0)
@@ -50,12 +53,31 @@ def group_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, t
     if not bool(torch.isfinite(scale).all()):
         raise InvalidWeightError(f"optq: weight values up to {float(w.abs().max()):.3g} need a scale beyond "
                                  "float16's range (65504), which the GPTQ format stores; rescale the weight")
-    scale = scale.float().clamp(min=FP16_TINY)
+    if mse > 0:
+        shrink = 1 - torch.arange(_CLIP_STEPS, device=w.device, dtype=w.dtype) / 100  # (C,)
+        lo, hi = shrink[:, None] * lo, shrink[:, None] * hi  # (C, out)
+    scale = ((hi - lo) / maxq).half().float().clamp(min=FP16_TINY)
     if sym:
         zero = torch.full_like(scale, float((maxq + 1) // 2))
     else:
         zero = torch.round(-lo / scale).clamp(0, maxq)
+    if mse > 0:  # pick each row's best shrink factor
+        step = max(1, _CLIP_CHUNK // max(1, w.numel()))  # candidates per pass: bounded memory for whole rows
+        err = torch.cat([_clip_error(w, scale[c:c + step], zero[c:c + step], maxq, mse)
+                         for c in range(0, _CLIP_STEPS, step)])  # (C, out)
+        best = err.argmin(0, keepdim=True)  # (1, out): the first (largest range) among equals
+        scale, zero = scale.gather(0, best)[0], zero.gather(0, best)[0]
     return scale, zero
+
+
+_CLIP_STEPS = 80  # shrink factors tried by the clipping search: down to 0.21 of the min-max range
+_CLIP_CHUNK = 1 << 24  # elements of the [candidates, out, k] error tensor per pass
+
+
+def _clip_error(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int, mse: float) -> torch.Tensor:
+    """``sum_k |w - q|^mse`` ``[C, out]`` of ``w`` ``[out, k]`` rounded with each candidate ``[C, out]``."""
+    s3, z3 = scale[..., None], zero[..., None]  # (C, out, 1)
+    return (s3 * (torch.clamp(torch.round(w / s3) + z3, 0, maxq) - z3) - w).abs_().pow_(mse).sum(-1)
 
 
 def inverse_cholesky(h: torch.Tensor, damp_percent: float) -> torch.Tensor:
@@ -102,7 +124,7 @@ def group_aware_order(diag: torch.Tensor, group_size: int) -> torch.Tensor:
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_size: int, sym: bool,
                   desc_act: bool, static_groups: bool, damp_percent: float, block_size: int,
-                  act_group_aware: bool = False) -> GPTQResult:
+                  act_group_aware: bool = False, mse: float = 0.0) -> GPTQResult:
     """GPTQ-quantize ``weight`` ``[out, in]`` against ``hessian`` ``[in, in]``; inputs are not modified.
 
     ``act_group_aware`` (group-aware order) applies only with act-order off and groups (``group_size > 0``).
@@ -120,7 +142,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, gro
 
     static: tuple[torch.Tensor, torch.Tensor] | None = None
     if static_groups or group_size <= 0:  # fixed up front, from the original column order
-        params = [group_params(w[:, g * gs:(g + 1) * gs], bits, sym) for g in range(n_groups)]
+        params = [group_params(w[:, g * gs:(g + 1) * gs], bits, sym, mse) for g in range(n_groups)]
         static = (torch.stack([p[0] for p in params]), torch.stack([p[1] for p in params]))  # (G, out) x2
 
     gar = act_group_aware and not desc_act and group_size > 0
@@ -165,7 +187,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, gro
                 col = i1 + i
                 if static is None:
                     if col % gs == 0:
-                        s, z = group_params(w1[:, i: i + gs], bits, sym)
+                        s, z = group_params(w1[:, i: i + gs], bits, sym, mse)
                         scales[dyn_slot[col]], zeros[dyn_slot[col]] = s, z
                 else:
                     s, z = col_scale[:, col], col_zero[:, col]

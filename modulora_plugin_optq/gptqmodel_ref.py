@@ -81,6 +81,7 @@ class GPTQModelJob:
     static_groups: bool = False
     damp_percent: float | None = 0.01
     act_group_aware: bool | None = False
+    mse: float | None = None  # GPTQModel's clipping search (its default: 0, off)
 
     def settings(self) -> dict[str, Any]:
         """The ``QuantizeConfig`` keyword arguments: every field but ``out_dir`` that is not None."""

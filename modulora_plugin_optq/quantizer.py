@@ -17,7 +17,15 @@ from typing import Any
 
 import torch
 
-from modulora_core import Capabilities, CheckpointError, InvalidWeightError, PackedWeight, Quantizer, kernel
+from modulora_core import (
+    Capabilities,
+    CheckpointError,
+    InvalidWeightError,
+    PackedWeight,
+    Quantizer,
+    kernel,
+    native,
+)
 
 from .config import OPTQConfig
 from .gptq import GPTQResult, gptq_quantize
@@ -86,7 +94,7 @@ class OPTQQuantizer(Quantizer):
         res = gptq_quantize(weight, hessian, bits=config.bits, group_size=config.group_size, sym=config.sym,
                             desc_act=config.desc_act, static_groups=config.static_groups,
                             damp_percent=config.damp_percent, block_size=config.block_size,
-                            act_group_aware=config.act_group_aware)
+                            act_group_aware=config.act_group_aware, mse=config.mse)
         return {"result": res, "config": config, "shape": tuple(int(s) for s in weight.shape),
                 "dtype": weight.dtype}
 
@@ -120,6 +128,10 @@ class OPTQQuantizer(Quantizer):
         cfg: OPTQConfig = packed.config
         n, k = packed.shape
         t = packed.tensors
+        if cfg.bits == 4 and dtype != torch.float64 and device in (None, "cpu", torch.device("cpu")):
+            wt = _decode_t_native(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], k, a, b)
+            if wt is not None:
+                return wt if dtype == torch.float32 else wt.to(dtype)
         qweight, qzeros, scales, g_idx = t["qweight"][:, a:b], t["qzeros"], t["scales"][:, a:b], t["g_idx"]
         if device is not None:
             qweight, qzeros, scales, g_idx = (x.to(device) for x in (qweight, qzeros, scales, g_idx))
@@ -142,7 +154,14 @@ class OPTQQuantizer(Quantizer):
         n, k = packed.shape
         gs = cfg.group_size if cfg.group_size > 0 else k
         t = packed.tensors
-        if cfg.bits != 4 or gs % 8 or not plain_group_order(t["g_idx"], gs):
+        if cfg.bits != 4:
+            return None
+        plain = gs % 8 == 0 and plain_group_order(t["g_idx"], gs)
+        if x.dtype != torch.float64:  # the CPU kernel takes act-order too: each term scaled by its own group
+            y = _gemv_native(x, t["qweight"], t["qzeros"], t["scales"], None if plain else t["g_idx"], gs)
+            if y is not None:
+                return y
+        if not plain:
             return None
         work = torch.float64 if x.dtype == torch.float64 else torch.float32
         z = zeros_v1_cols(t["qzeros"], cfg.bits, n, 0, n).to(work)  # (G, out), small
@@ -189,6 +208,40 @@ def _gemv_4bit(x: torch.Tensor, qweight: torch.Tensor, z: torch.Tensor, s: torch
     part = (q.unsqueeze(0) * x.view(n, groups, -1, 8, 1)).sum((2, 3))  # (N, G, out)
     xs = x.view(n, groups, -1).sum(-1, keepdim=True)  # (N, G, 1)
     return ((part - z * xs) * s).sum(1)  # (N, out)
+
+
+def _gemv_native(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                 g_idx: torch.Tensor | None, gs: int) -> torch.Tensor | None:
+    """``x [N, K] @ W^T -> [N, out]`` by the CPU kernel for 4 bits, or None where it cannot run. ``g_idx`` None:
+    plain group order (groups of ``gs``), each group's dot product scaled once; else the ``[K]`` act-order map."""
+    xf = x.to(torch.float32).contiguous()
+    gi = None if g_idx is None else g_idx.to(torch.int32).contiguous()
+    so = native.lib(xf, qweight, qzeros, scales, *(() if gi is None else (gi,)))
+    if so is None or x.shape[0] > native.MAX_ROWS or scales.dtype not in native.SKIND:
+        return None
+    groups, out_f = scales.shape
+    y = xf.new_empty(x.shape[0], out_f)
+    if so.optq4_gemv(xf.data_ptr(), x.shape[0], x.shape[1], qweight.data_ptr(), qzeros.data_ptr(),
+                     scales.data_ptr(), native.SKIND[scales.dtype], native.ptr(gi), gs, groups, out_f, y.data_ptr(),
+                     native.threads()):
+        return None
+    return y.to(x.dtype)
+
+
+def _decode_t_native(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
+                     k: int, a: int, b: int) -> torch.Tensor | None:
+    """``W[a:b].T`` as float32 ``[K, b - a]`` for 4 bits by the CPU kernel (the same ``(q - z) * s`` in float32 as
+    the torch code, in one pass), or None where it cannot run."""
+    gi = g_idx.to(torch.int32).contiguous()
+    so = native.lib(qweight, qzeros, scales, gi)
+    if so is None or scales.dtype not in native.SKIND:
+        return None
+    groups, out_f = scales.shape
+    wt = native.empty((k, b - a))  # huge pages: a dense weight's page faults cost more than the decode
+    if so.optq4_dequant_t(qweight.data_ptr(), qzeros.data_ptr(), scales.data_ptr(), native.SKIND[scales.dtype],
+                          gi.data_ptr(), groups, k, out_f, a, b, wt.data_ptr(), native.threads()):
+        return None
+    return wt
 
 
 def _range(rows: slice | None, n: int) -> tuple[int, int]:

@@ -92,10 +92,23 @@ def dense(cfg: OPTQConfig, w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 
 
 def test_identity_hessian_is_round_to_nearest():
-    # no correlation between inputs: no error is fed forward, so GPTQ rounds each weight to nearest
+    # no correlation between inputs: no error is fed forward, so GPTQ rounds each weight to nearest (on min-max
+    # ranges: the clipping search off)
     w = gaussian_weight((48, 256), 0)
-    torch.testing.assert_close(dense(OPTQConfig(bits=3, group_size=64), w, torch.eye(256)), rtn(w, 3, 64),
+    torch.testing.assert_close(dense(OPTQConfig(bits=3, group_size=64, mse=0), w, torch.eye(256)), rtn(w, 3, 64),
                                rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_clipping_search_never_rounds_worse_than_min_max(sym):
+    w = torch.distributions.StudentT(3.0).sample((64, 128))  # heavy tails: outliers worth clipping
+    err = {}
+    for mse in (0.0, 2.4):
+        s, z = group_params(w, 3, sym, mse)
+        q = torch.clamp(torch.round(w / s[:, None]) + z[:, None], 0, 7)
+        err[mse] = ((s[:, None] * (q - z[:, None]) - w).abs() ** 2.4).sum(1)  # per row, the searched norm
+    assert bool((err[2.4] <= err[0.0] * (1 + 1e-6)).all())  # the search includes the full range
+    assert float(err[2.4].sum()) < 0.8 * float(err[0.0].sum())
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -454,7 +467,8 @@ def test_solver_matches_gptqmodels_on_the_same_hessian(reference, bits, order):
             e = (w - q).double()
             return float(torch.trace(e @ h.double() @ e.T))
 
-        cfg = OPTQConfig(bits=bits, group_size=128, damp_percent=0.01, **{"act_group_aware": False, **ORDERS[order]})
+        cfg = OPTQConfig(bits=bits, group_size=128, damp_percent=0.01, mse=0,  # GPTQModelJob's settings
+                         **{"act_group_aware": False, **ORDERS[order]})
         ours_err += out_err(dense(cfg, w, h))
         theirs_err += out_err(ref["solver"][(bits, order, seed)])
     assert abs(ours_err / theirs_err - 1) < 0.01, (ours_err, theirs_err)
