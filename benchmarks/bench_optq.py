@@ -62,6 +62,17 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch: int = 4) ->
     return math.exp(nll / count)
 
 
+def token_sets(d: Path, n_samples: int, seq_len: int, eval_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(calibration tokens ``[n_samples, seq_len]`` of the train split, held-out windows ``[n, 512]``)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(d)
+    calib_text, eval_text = texts()
+    calib = calibration_tokens(Calibration([calib_text], n_samples=n_samples, seq_len=seq_len, tokenizer=tok))
+    return calib, calibration_tokens(Calibration([eval_text], n_samples=eval_tokens // 512, seq_len=512,
+                                                 tokenizer=tok))
+
+
 def dense_model(d: Path) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
@@ -133,15 +144,8 @@ def main() -> None:
         a.n_samples, a.seq_len, a.eval_tokens = 32, 256, 8192
     torch.set_num_threads(a.threads)
     d = smollm2_dir()
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(d)
-    calib_text, eval_text = texts()
-    calib_all = calibration_tokens(Calibration([calib_text], n_samples=a.n_samples * a.repeats, seq_len=a.seq_len,
-                                               tokenizer=tok))
+    calib_all, eval_win = token_sets(d, a.n_samples * a.repeats, a.seq_len, a.eval_tokens)
     calibs = list(calib_all.split(a.n_samples))  # one disjoint calibration set per repeat
-    eval_win = calibration_tokens(Calibration([eval_text], n_samples=a.eval_tokens // 512, seq_len=512,
-                                              tokenizer=tok))
     acts = {"off": (False,), "on": (True,), "both": (False, True)}[a.act_order]
     gar = None if a.act_group_aware is None else a.act_group_aware == "on"
     cfgs = {(bits, act): our_config(bits, act, a.damp_percent, gar, a.mse) for bits in a.bits for act in acts}
@@ -183,7 +187,8 @@ def main() -> None:
     if not a.no_write:
         from benchmarks.report import write_data, write_section
 
-        flags = _flags(a, ap)
+        flags = changed_flags(a, ap, ("n_samples", "seq_len", "eval_tokens", "bits", "act_order", "repeats",
+                                      "batch_size", "damp_percent", "act_group_aware", "mse", "ref"))
         name = "optq" + flags.replace(" --", "-").replace(" ", "")
         write_section(name, "OPTQ on SmolLM2-135M: held-out perplexity and quantization time vs GPTQModel",
                       "python -m benchmarks.bench_optq" + flags, body)
@@ -200,12 +205,11 @@ def _row(family: str, c: tuple[int, bool], calib_set: int, ppl: float, bpw: floa
             "quantize_s": sec, "settings": settings}
 
 
-def _flags(a: argparse.Namespace, ap: argparse.ArgumentParser) -> str:
-    """The command-line options that differ from their defaults (``--quick`` standing for its three)."""
+def changed_flags(a: argparse.Namespace, ap: argparse.ArgumentParser, keys: tuple[str, ...]) -> str:
+    """The options among ``keys`` that differ from their defaults (``--quick`` standing for its three)."""
     flags = " --quick" if a.quick else ""
     quick = {"n_samples": 32, "seq_len": 256, "eval_tokens": 8192} if a.quick else {}
-    for key in ("n_samples", "seq_len", "eval_tokens", "bits", "act_order", "repeats", "batch_size",
-                "damp_percent", "act_group_aware", "mse", "ref"):
+    for key in keys:
         val, default = getattr(a, key), quick.get(key, ap.get_default(key))
         if val != default:
             flags += f" --{key.replace('_', '-')} " + (" ".join(map(str, val)) if isinstance(val, list) else str(val))

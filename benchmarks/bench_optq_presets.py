@@ -21,10 +21,10 @@ import time
 import torch
 
 import modulora
-from benchmarks.bench_optq import dense_model, perplexity, texts
+from benchmarks.bench_optq import changed_flags, dense_model, perplexity, token_sets
 from benchmarks.bench_quipsharp import bits_per_weight
 from modulora.finetune.pretrained import smollm2_dir
-from modulora_core.calibration_data import Calibration, calibration_tokens
+from modulora_core.calibration_data import Calibration
 from modulora_plugin_optq import OPTQConfig
 from modulora_plugin_optq.config import PRESETS, preset_name
 
@@ -54,13 +54,7 @@ def main() -> None:
         a.n_samples, a.seq_len, a.eval_tokens = 32, 256, 8192
     torch.set_num_threads(a.threads)
     d = smollm2_dir()
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(d)
-    calib_text, eval_text = texts()
-    calib = calibration_tokens(Calibration([calib_text], n_samples=a.n_samples, seq_len=a.seq_len, tokenizer=tok))
-    eval_win = calibration_tokens(Calibration([eval_text], n_samples=a.eval_tokens // 512, seq_len=512,
-                                              tokenizer=tok))
+    calib, eval_win = token_sets(d, a.n_samples, a.seq_len, a.eval_tokens)
     ppl_dense = perplexity(dense_model(d), eval_win)
     print(f"dense: ppl {ppl_dense:.3f}", flush=True)
     syms = {"both": (True, False), "sym": (True,), "asym": (False,)}[a.sym]
@@ -83,23 +77,12 @@ def main() -> None:
     if not a.no_write:
         from benchmarks.report import write_data, write_section
 
-        flags = _flags(a, ap)
+        flags = changed_flags(a, ap, ("n_samples", "seq_len", "eval_tokens", "bits", "groups", "sym", "batch_size"))
         name = "optq-presets" + flags.replace(" --", "-").replace(" ", "")
         command = "python -m benchmarks.bench_optq_presets" + flags
         write_section(name, "OPTQ presets: held-out perplexity against bits per weight", command, body)
         write_data(name, command, [{"family": "unquantized", "bits_per_weight": 32.0, "perplexity": ppl_dense},
                                    *rows])
-
-
-def _flags(a: argparse.Namespace, ap: argparse.ArgumentParser) -> str:
-    """The command-line options that differ from their defaults (``--quick`` standing for its three)."""
-    flags = " --quick" if a.quick else ""
-    quick = {"n_samples": 32, "seq_len": 256, "eval_tokens": 8192} if a.quick else {}
-    for key in ("n_samples", "seq_len", "eval_tokens", "bits", "groups", "sym", "batch_size"):
-        val, default = getattr(a, key), quick.get(key, ap.get_default(key))
-        if val != default:
-            flags += f" --{key.replace('_', '-')} " + (" ".join(map(str, val)) if isinstance(val, list) else str(val))
-    return flags
 
 
 def report(a: argparse.Namespace, rows: list[dict], ppl_dense: float, calib: torch.Tensor) -> str:
