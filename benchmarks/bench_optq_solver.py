@@ -7,7 +7,7 @@ the unquantized model, through the core's block-by-block pipeline), and both sol
 weight against the same Hessian (GPTQModel's receives inputs ``X = L^T`` with ``L L^T = H``). The score
 is each layer's output error ``tr((W - Q) H (W - Q)^T)``, ours over theirs.
 
-    python -m benchmarks.bench_optq_solver     # blocks 0, 6, 14, 25; bits 3 and 4; act-order off and on
+    python -m benchmarks.bench_optq_solver     # blocks 0, 6, 14, 25; bits 3 and 4; three column orders
 
 GPTQModel changes process-wide state when imported, so run this as its own process.
 """
@@ -54,13 +54,18 @@ def output_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
     return float(torch.einsum("oi,ij,oj->", e, h.double(), e))
 
 
-def ours(w: torch.Tensor, h: torch.Tensor, bits: int, act: bool) -> torch.Tensor:
-    """Our plugin end to end on one layer: quantize, pack, materialize."""
+# the column order: GPTQ's own, act-order, or group-aware (GAR); GPTQModelJob's other settings are plain GPTQ's
+ORDERS = {"plain": {}, "act-order": {"desc_act": True}, "group-aware": {"act_group_aware": True}}
+
+
+def ours(w: torch.Tensor, h: torch.Tensor, bits: int, order: str) -> torch.Tensor:
+    """Our plugin end to end on one layer (quantize, pack, materialize), at GPTQModelJob's settings."""
     from modulora_plugin_optq import OPTQConfig, OPTQQuantizer
 
     q = OPTQQuantizer()
-    return q.materialize(q.quantize_weight(w, OPTQConfig(bits=bits, group_size=128, desc_act=act), h),
-                         dtype=torch.float32)
+    cfg = OPTQConfig(bits=bits, group_size=128, damp_percent=0.01, mse=0.0,
+                     **{"act_group_aware": False, **ORDERS[order]})
+    return q.materialize(q.quantize_weight(w, cfg, h), dtype=torch.float32)
 
 
 def main() -> None:
@@ -79,23 +84,24 @@ def main() -> None:
     store = capture_hessians(a.n_samples, a.seq_len, a.blocks)
     rows, data = [], []
     for bits in a.bits:
-        for act in (False, True):
+        for order in ORDERS:
             ratios, tot = [], [0.0, 0.0]
             for name, (w, h) in store.items():
-                eo = output_error(w, ours(w, h, bits, act), h)
-                et = output_error(w, gptqmodel_layer(w, h, GPTQModelJob("", bits=bits, desc_act=act)), h)
+                eo = output_error(w, ours(w, h, bits, order), h)
+                et = output_error(w, gptqmodel_layer(w, h, GPTQModelJob("", bits=bits, **ORDERS[order])), h)
                 ratios.append(eo / et)
                 tot[0], tot[1] = tot[0] + eo, tot[1] + et
-                data.append({"layer": name, "bits": bits, "act_order": act, "ours": eo, "gptqmodel": et})
-            rows.append(f"| {bits} | {'on' if act else 'off'} | {len(ratios)} | {tot[0] / tot[1]:.4f} | "
+                data.append({"layer": name, "bits": bits, "order": order, "ours": eo, "gptqmodel": et})
+            rows.append(f"| {bits} | {order} | {len(ratios)} | {tot[0] / tot[1]:.4f} | "
                         f"{statistics.median(ratios):.4f} | {min(ratios):.4f} - {max(ratios):.4f} |")
             print(rows[-1], flush=True)
     body = (f"SmolLM2-135M-Instruct, every linear of decoder blocks {', '.join(map(str, a.blocks))}; Hessians from "
             f"{a.n_samples} x {a.seq_len} calibration tokens (the docstrings' train split) through the unquantized "
-            "model; symmetric, group 128, dampening 1%, blocks of 128 columns. Output error "
+            "model; symmetric, group 128, dampening 1%, min-max ranges, blocks of 128 columns, in three column "
+            "orders (GPTQ's own, act-order, group-aware). Output error "
             "tr((W - Q) H (W - Q)^T) of our plugin (quantize, pack, materialize) over that of GPTQModel's `GPTQ` "
             "class on the same weight and Hessian: 1 means the same solver.\n\n"
-            "| bits | act-order | layers | total error ours / theirs | median per layer | range per layer |\n"
+            "| bits | order | layers | total error ours / theirs | median per layer | range per layer |\n"
             "|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
     print(body)
     if not a.no_write:

@@ -12,6 +12,7 @@ Scales are rounded to float16 before use, so the error fed back is the error of 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -85,22 +86,31 @@ def inverse_cholesky(h: torch.Tensor, damp_percent: float) -> torch.Tensor:
 
     With ``J`` the order reversal and ``J H J = L L^T``: ``U = J L^-1 J`` (upper triangular, positive
     diagonal, and ``U^T U = J L^-T L^-1 J = H^-1``), one factorization and one triangular inverse instead
-    of factorizing, inverting and factorizing again. Tried in float32 (what GPTQ uses), then in float64; a
-    matrix that fails both is not positive definite even after dampening, which only a broken Hessian is.
+    of factorizing, inverting and factorizing again. Tried in float32 (what GPTQ uses), then in float64, then
+    with the dampening doubled until it would reach 100% (with a warning; GPTQModel too raises its dampening
+    until the factorization succeeds); a matrix that fails all is not positive definite, which only a broken
+    Hessian is.
     """
-    damp = damp_percent * h.diagonal().mean()
-    for dtype in (torch.float32, torch.float64):
-        hd = h.to(dtype).flip(0, 1)  # J H J
-        hd.diagonal().add_(damp.to(dtype))
-        chol, info = torch.linalg.cholesky_ex(hd)
-        if int(info) == 0:
-            eye = torch.eye(h.shape[0], dtype=dtype, device=h.device)
-            u = torch.linalg.solve_triangular(chol, eye, upper=False).flip(0, 1)
-            if bool(torch.isfinite(u).all()):
-                return u.to(torch.float32)
+    damps = [damp_percent]
+    while damps[-1] * 2 < 1:
+        damps.append(damps[-1] * 2)
+    mean = h.diagonal().mean()
+    for k, pct in enumerate(damps):
+        for dtype in (torch.float32, torch.float64):
+            hd = h.to(dtype).flip(0, 1)  # J H J
+            hd.diagonal().add_((pct * mean).to(dtype))
+            chol, info = torch.linalg.cholesky_ex(hd)
+            if int(info) == 0:
+                eye = torch.eye(h.shape[0], dtype=dtype, device=h.device)
+                u = torch.linalg.solve_triangular(chol, eye, upper=False).flip(0, 1)
+                if bool(torch.isfinite(u).all()):
+                    if k:
+                        warnings.warn(f"optq: the Hessian needed dampening {pct:g} instead of damp_percent="
+                                      f"{damp_percent:g} to be positive definite", stacklevel=3)
+                    return u.to(torch.float32)
     raise InvalidWeightError(
-        f"optq: the Hessian is not positive definite even with damp_percent={damp_percent}; check that the "
-        "calibration inputs are finite and not all zero, or raise damp_percent"
+        f"optq: the Hessian is not positive definite even with dampening raised from damp_percent={damp_percent} "
+        f"to {damps[-1]:g}; check that the calibration inputs are finite and not all zero"
     )
 
 

@@ -180,6 +180,18 @@ def test_bad_input_is_a_clear_error():
         Q.quantize_weight(w, cfg, _indefinite(64))
 
 
+def test_dampening_is_raised_until_the_hessian_factors():
+    # one eigenvalue at -8% of the mean diagonal: 5% dampening cannot lift it, 10% does
+    n = 64
+    basis, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(7), dtype=torch.float64))
+    eig = torch.ones(n, dtype=torch.float64)
+    eig[0] = -0.08 * n / (n - 1.08)  # mean diagonal = mean eigenvalue = (n - 1 + eig[0]) / n
+    h = (basis @ torch.diag(eig) @ basis.T).float()
+    with pytest.warns(UserWarning, match="needed dampening 0.1 instead of damp_percent=0.05"):
+        p = Q.quantize_weight(gaussian_weight((16, n), 8), OPTQConfig(bits=4, group_size=32), h)
+    assert bool(torch.isfinite(Q.materialize(p, dtype=torch.float32)).all())
+
+
 def _indefinite(n: int) -> torch.Tensor:
     """Diagonal 1, off-diagonal -10: a negative eigenvalue of 11 - 10 n that 1% dampening cannot lift."""
     return 11 * torch.eye(n) - 10 * torch.ones(n, n)
