@@ -511,6 +511,14 @@ def test_smollm2_block_0_beats_round_to_nearest_on_real_activations(smollm2):
             return float(torch.trace(e @ h @ e.T))
 
         assert out_err(dense(OPTQConfig(bits=4), w, hessians[n])) < 0.5 * out_err(rtn(w, 4, 128)), n
+    # what the defaults add to plain GPTQ, on the same real layers: group-aware order, then the clipping search
+    total = {}
+    for name, kw in {"plain": dict(act_group_aware=False, mse=0), "gar": dict(act_group_aware=True, mse=0),
+                     "gar+clip": dict(act_group_aware=True, mse=2.4)}.items():
+        total[name] = sum(float(torch.trace((w - (q := dense(OPTQConfig(bits=3, **kw), w, h))).double() @ h.double()
+                                            @ (w - q).double().T))
+                          for w, h in ((model.get_submodule(n).weight.detach(), hessians[n]) for n in names))
+    assert total["gar"] < total["plain"] and total["gar+clip"] < total["gar"], total
     q = modulora.load(model, "optq-3bit", calibration=cal, targets=names, lora=None)
     assert sorted(n for n, _ in modulora.iter_quantized_layers(q)) == sorted(names)
 
