@@ -114,7 +114,9 @@ def run_gptqmodel(d: Path, calib: torch.Tensor, eval_win: torch.Tensor, configs:
         # our loader gives exactly the weights GPTQModel's kernels dequantize, computed in float32
         out = []
         for j, s in zip(jobs, secs, strict=True):
-            q = modulora.load(j.out_dir, lora=None).float()
+            q = modulora.load(j.out_dir, lora=None, torch_dtype=torch.float32)  # GPTQModel saves float16
+            if {p.dtype for p in q.parameters() if p.is_floating_point()} != {torch.float32}:
+                raise RuntimeError("GPTQModel's checkpoint did not load in float32; scores would not compare")
             out.append((s, perplexity(q, eval_win), bits_per_weight(q)))
         return out
 
