@@ -18,10 +18,10 @@ against a plain copy of a weight of the same size, the memory-copy ceiling.
     python -m benchmarks.bench_layer --quick    # 1024x1024, 256 tokens
     python -m benchmarks.bench_layer --kernels  # materialize eager vs compiled, and the one-token decode step
 
-``--kernels`` measures, per quantizer, materialize throughput eager and ``torch.compile``'d against the copy
-ceiling, and a one-token forward of the frozen base (no LoRA) side by side: dense ``F.linear``, materialize +
-``F.linear`` (what a decode step cost before), and the plugin's decode path (``matmul_small``, or the QuIP#
-fast path) eager and compiled.
+``--kernels`` (:mod:`benchmarks.bench_kernels`) measures, per quantizer, materialize throughput against the copy
+ceiling and a one-token forward of the frozen base side by side: dense ``F.linear``, materialize + ``F.linear``,
+and the plugin's decode path, each with the plugins' torch code, ``torch.compile``'d, and the C kernels; then
+SmolLM2-135M generation tokens/s and one training step, torch code against the C kernels.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ import torch
 from torch import nn
 
 import modulora
-from modulora_core import QuantizedLinear, kernels
+from benchmarks import bench_kernels
+from modulora_core import QuantizedLinear
 from modulora_core.autograd import quantized_matmul
 
 MiB = 1 << 20
@@ -273,85 +274,6 @@ def paired_ratio(new: list[float], old: list[float]) -> tuple[float, float, floa
     return statistics.median(r), q[0], q[2]
 
 
-KERNEL_PRESETS = "rtn-4bit,nf4,optq-4bit,quip#-2bit"
-
-
-def median_time(fn, reps: int) -> float:
-    """Median seconds of ``reps`` calls after one warm-up (which also compiles)."""
-    fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
-def kernel_rows(preset: str, dim: int, reps: int) -> dict:
-    """Materialize GB/s (eager, compiled) and one-token decode ms (dense, materialize, decode eager/compiled)."""
-    torch.manual_seed(0)
-    w = torch.randn(dim, dim) * dim**-0.5
-    bq = modulora.get_preset(preset)
-    packed = bq.quantize(w, torch.eye(dim) if bq.capabilities().needs_calibration else None)
-    q, x = bq.quantizer, torch.randn(1, dim)
-    fast = bq.capabilities().fast_path
-    decode = (lambda: q.matmul(x, packed)) if fast else (lambda: q.matmul_small(x, packed))
-    gb = dim * dim * 4 / 1e9
-    row = {"quantizer": preset, "dim": dim}
-    with torch.no_grad():
-        row["dense_ms"] = median_time(lambda: torch.nn.functional.linear(x, w), 15) * 1e3
-        for mode in ("0", "1"):  # eager, then compiled
-            os.environ[kernels.ENV] = mode
-            tag = "eager" if mode == "0" else "compiled"
-            row[f"materialize_gbps_{tag}"] = gb / median_time(lambda: q.materialize(packed, dtype=torch.float32), reps)
-            if mode == "0":
-                row["materialize_linear_ms"] = median_time(
-                    lambda: torch.nn.functional.linear(x, q.materialize(packed, dtype=torch.float32)), reps) * 1e3
-            row[f"decode_ms_{tag}"] = (median_time(decode, 15) * 1e3 if fast or decode() is not None else None)
-        os.environ.pop(kernels.ENV)
-        src = torch.randn(dim, dim)
-        dst = torch.empty_like(src)
-        row["copy_gbps"] = gb / median_time(lambda: dst.copy_(src), reps)
-    return row
-
-
-def run_kernels(a: argparse.Namespace) -> None:
-    """The ``--kernels`` report: materialize eager vs compiled vs the copy ceiling; the one-token decode step."""
-    rows = [kernel_rows(p.strip(), a.dim, a.reps) for p in a.presets.split(",") if p.strip()]
-    def ms(v: float | None) -> str:
-        return "-" if v is None else f"{v:.1f}"
-    def ratio(v: float | None, d: float) -> str:
-        return "-" if v is None else f"{v / d:.1f}"
-    mat = [f"| {r['quantizer']} | {r['materialize_gbps_eager']:.2f} | {r['materialize_gbps_compiled']:.2f} | "
-           f"{r['copy_gbps']:.2f} | {r['materialize_gbps_eager'] / r['copy_gbps']:.2f} | "
-           f"{r['materialize_gbps_compiled'] / r['copy_gbps']:.2f} |" for r in rows]
-    dec = [f"| {r['quantizer']} | {r['dense_ms']:.1f} | {r['materialize_linear_ms']:.1f} "
-           f"({r['materialize_linear_ms'] / r['dense_ms']:.1f}x) | {ms(r['decode_ms_eager'])} "
-           f"({ratio(r['decode_ms_eager'], r['dense_ms'])}x) | {ms(r['decode_ms_compiled'])} "
-           f"({ratio(r['decode_ms_compiled'], r['dense_ms'])}x) |" for r in rows]
-    body = (
-        f"One {a.dim}x{a.dim} weight, float32, {torch.get_num_threads()} torch threads. Compiled = "
-        f"`MODULORA_COMPILE=1` (`torch.compile` of the plugin's kernel; the first call, which compiles, is a "
-        f"warm-up). Medians of {a.reps} (materialize) and 15 (decode) calls. The machine was shared with other "
-        "work while this ran: read the ratios, which were measured side by side, not the absolute figures.\n\n"
-        "Materialize: GB/s of float32 weight written, against `copy_` of a float32 tensor of the same size.\n\n"
-        "| quantizer | eager GB/s | compiled GB/s | copy GB/s | eager / ceiling | compiled / ceiling |\n"
-        "|---|---|---|---|---|---|\n" + "\n".join(mat) + "\n\n"
-        "Decode step: a one-token forward of the frozen base, ms (and times the dense layer). Decode path = "
-        "`matmul_small` from the packed form (QuIP#: its fast path, which rotates x and multiplies decoded "
-        "row blocks).\n\n"
-        "| quantizer | dense F.linear ms | materialize + F.linear ms | decode path eager ms | decode path "
-        "compiled ms |\n|---|---|---|---|---|\n" + "\n".join(dec) + "\n"
-    )
-    print(body)
-    if not a.no_write:
-        from benchmarks.report import write_data, write_section
-
-        cmd = "python -m benchmarks.bench_layer --kernels" + (f" --dim {a.dim}" if a.dim != 4096 else "")
-        write_data("kernels", cmd, rows)
-        write_section("kernels", "Kernels: compiled materialize and the one-token decode step", cmd, body)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dim", type=int, default=4096)
@@ -364,13 +286,14 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--no-write", action="store_true", help="print only; do not update docs/benchmarks.md")
-    ap.add_argument("--kernels", action="store_true", help="materialize eager/compiled and the decode step only")
+    ap.add_argument("--kernels", action="store_true", help="materialize and the decode step per way, SmolLM2 decode")
+    bench_kernels.add_arguments(ap)
     a = ap.parse_args()
     if a.kernels:
         if a.presets == ap.get_default("presets"):
-            a.presets = KERNEL_PRESETS
+            a.presets = bench_kernels.KERNEL_PRESETS
         a.reps = min(a.reps, 7)
-        run_kernels(a)
+        bench_kernels.run_kernels(a)
         return
     if a.quick:
         a.dim, a.tokens, a.reps = 1024, 256, 7

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .kernels import SMALL_BATCH, compiles_on
+from .kernels import SMALL_BATCH, decodes_on
 from .quantizer import PackedWeight, Quantizer
 
 
@@ -30,9 +30,9 @@ def base_forward(x: torch.Tensor, q: Quantizer, packed: PackedWeight, chunk_rows
     if fast:
         return q.matmul(x, packed)
     out_f, in_f = packed.shape
-    # a decode step multiplies from the packed form if the plugin can, where kernels compile: eagerly, the
-    # unpack-and-dot takes more passes over the codes than materialize + one GEMV (docs/benchmarks.md, Kernels)
-    if x.numel() <= SMALL_BATCH * in_f and compiles_on(x.device):
+    # a decode step multiplies from the packed form if the plugin can, where kernels compile or the CPU kernels
+    # run: the eager torch unpack-and-dot takes more passes than materialize + one GEMV (docs/benchmarks.md)
+    if x.numel() <= SMALL_BATCH * in_f and decodes_on(x.device):
         y = q.matmul_small(x.reshape(-1, in_f), packed)
         if y is not None:
             return y.reshape(*x.shape[:-1], out_f)

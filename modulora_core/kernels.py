@@ -6,7 +6,9 @@ Triton on a GPU) instead of one pass over the weight per torch op; if compiling 
 inductor lacks), the kernel warns once and runs the function eagerly from then on: same results, slower.
 
 ``$MODULORA_COMPILE`` chooses where to compile: ``auto`` (default) on CUDA only, since on a CPU every new
-shape costs seconds of compilation (set ``1`` for long CPU runs), ``1`` everywhere, ``0`` never.
+shape costs seconds of compilation (set ``1`` for long CPU runs), ``1`` everywhere, ``0`` never. On a CPU the
+first-party plugins call hand-written C kernels instead (:mod:`modulora_core.native`, built once per machine),
+except under ``0``, which means plain torch everywhere.
 """
 
 from __future__ import annotations
@@ -32,6 +34,17 @@ def compiles_on(device: torch.device) -> bool:
     """Whether kernels compile for tensors on ``device`` (see :func:`compile_mode`)."""
     mode = compile_mode()
     return mode == "1" or (mode == "auto" and device.type == "cuda")
+
+
+def decodes_on(device: torch.device) -> bool:
+    """Whether a decode step on ``device`` takes the plugin's ``matmul_small``: where kernels compile, and on a
+    CPU with the C kernels (:mod:`modulora_core.native`). Elsewhere its eager torch form takes more passes over
+    the codes than materialize + one GEMV, so the caller materializes."""
+    if compiles_on(device):
+        return True
+    from . import native  # lazy: native imports this module
+
+    return device.type == "cpu" and native.available()
 
 
 class Kernel:

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from modulora_core import kernel
+from modulora_core import kernel, native
 
-from .levels import NESTED_BLOCKSIZE, byte_table, dynamic_map, encoder
+from .levels import NESTED_BLOCKSIZE, byte_table, dynamic_map, encoder, levels
 
 _TINY = 1e-38  # floor for a block's absmax in the division only: an all-zero block encodes as 0
 
@@ -104,6 +104,64 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, quant_type: str,
     onward. ``W[i] = LEVELS[code[i]] * absmax[i // blocksize]``, one float32 product as bitsandbytes does.
     """
     return _decode_blocks(packed, absmax, byte_table(quant_type, packed.device), blocksize, count)
+
+
+def _absmax_args(stored: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The stored absmax tensors as the CPU kernels take them: ``(absmax,)`` float32, or with double
+    quantization ``(qabsmax, 8-bit map, absmax_scale, absmax_offset)``."""
+    am = stored["absmax"]
+    if am.dtype != torch.uint8:
+        return (am,)
+    return am, stored.get("absmax_code", dynamic_map(device)), stored["absmax_scale"], stored["absmax_offset"]
+
+
+def _absmax_ptrs(args: tuple[torch.Tensor, ...]) -> list[int | None]:
+    """``absmax, qabsmax, book, ascale, aoffset`` pointers for the kernels (NULL where unused)."""
+    return [args[0].data_ptr(), None, None, None, None] if len(args) == 1 else [None, *(t.data_ptr() for t in args)]
+
+
+def dequantize_4bit_native(packed: torch.Tensor, stored: dict[str, torch.Tensor], first: int, quant_type: str,
+                           blocksize: int, count: int) -> torch.Tensor | None:
+    """:func:`dequantize_4bit` of blocks ``first ..`` by the CPU kernel, decoding their absmax itself (double
+    quantization included): the same float32 products in one pass, bit-identical; None where it cannot run.
+    ``packed``: the blocks' bytes; ``stored``: the packed weight's tensors (for the absmax)."""
+    args = _absmax_args(stored, packed.device)
+    lv = levels(quant_type, packed.device)
+    so = native.lib(packed, lv, *args)
+    if so is None or blocksize % 2 or packed.numel() * 2 < count or NESTED_BLOCKSIZE != 256:
+        return None
+    nb = num_blocks(count, blocksize)
+    ptrs = _absmax_ptrs(args)
+    # point at block `first`: absmax (or qabsmax) is indexed from there; the 8-bit scales by the global index
+    if args[0].numel() < first + nb:
+        return None
+    ptrs[0 if len(args) == 1 else 1] = args[0][first:].data_ptr()
+    out = native.empty((count,))  # huge pages: a dense weight's page faults cost more than the decode
+    so.nf4_dequant(packed.data_ptr(), *ptrs, first, lv.data_ptr(), blocksize, count, out.data_ptr(),
+                   native.threads())
+    return out
+
+
+def gemv_4bit_native(x: torch.Tensor, packed: torch.Tensor, absmax: dict[str, torch.Tensor], quant_type: str,
+                     blocksize: int) -> torch.Tensor | None:
+    """:func:`gemv_4bit` by the CPU kernel (float32 accumulation), or None where it cannot run:
+    ``x [N, in]``, ``packed`` ``[out * in / 2]`` -> ``[N, out]``. ``absmax``: the packed tensors ``absmax``
+    (float32 ``[out * in / blocksize]``, or with double quantization uint8 plus ``absmax_scale``,
+    ``absmax_offset`` and optionally ``absmax_code``), decoded block by block inside the kernel."""
+    xf = x.to(torch.float32).contiguous()
+    lv = levels(quant_type, x.device)
+    args = _absmax_args(absmax, x.device)
+    so = native.lib(xf, packed, lv, *args)
+    if so is None or x.shape[0] > native.MAX_ROWS or blocksize % 2 or NESTED_BLOCKSIZE != 256:
+        return None
+    n, k = x.shape
+    out_f = packed.numel() * 2 // k
+    y = xf.new_empty(n, out_f)
+    ptrs = _absmax_ptrs(args)
+    if so.nf4_gemv(xf.data_ptr(), n, k, packed.data_ptr(), *ptrs, lv.data_ptr(), blocksize, out_f,
+                   y.data_ptr(), native.threads()):
+        return None
+    return y.to(x.dtype)
 
 
 @kernel

@@ -31,8 +31,10 @@ from modulora_core import (
 
 from .blockwise import (
     dequantize_4bit,
+    dequantize_4bit_native,
     dequantize_absmax,
     gemv_4bit,
+    gemv_4bit_native,
     num_blocks,
     pack_nibbles,
     quantize_4bit,
@@ -197,6 +199,10 @@ class NF4Quantizer(Quantizer):
         out_f, in_f = packed.shape
         if in_f % cfg.blocksize:
             return None
+        if x.dtype != torch.float64:  # the CPU kernel decodes the absmax itself
+            y = gemv_4bit_native(x, packed.tensors["codes"], packed.tensors, cfg.quant_type, cfg.blocksize)
+            if y is not None:
+                return y
         absmax = self.block_absmax(packed, 0, out_f * in_f // cfg.blocksize)  # (blocks,) float32, small
         table = byte_table(cfg.quant_type, x.device)
         return gemv_4bit(x.to(torch.float64 if x.dtype == torch.float64 else torch.float32), packed.tensors["codes"], absmax, table, cfg.blocksize).to(x.dtype)
@@ -218,9 +224,13 @@ class NF4Quantizer(Quantizer):
         first, stop = s // bs, num_blocks(e, bs)
         start, end = first * bs, min(stop * bs, n)  # whole blocks around it (bs is even: byte-aligned)
         packed_bytes = packed.tensors["codes"][start // 2: (end + 1) // 2]
-        absmax = self.block_absmax(packed, first, stop)
-        if device is not None:
-            packed_bytes, absmax = packed_bytes.to(device), absmax.to(device)
-        vals = dequantize_4bit(packed_bytes, absmax, cfg.quant_type, bs, end - start)
+        vals = None
+        if device is None or torch.device(device) == packed_bytes.device:  # the CPU kernel, absmax decoded inside
+            vals = dequantize_4bit_native(packed_bytes, packed.tensors, first, cfg.quant_type, bs, end - start)
+        if vals is None:
+            absmax = self.block_absmax(packed, first, stop)
+            if device is not None:
+                packed_bytes, absmax = packed_bytes.to(device), absmax.to(device)
+            vals = dequantize_4bit(packed_bytes, absmax, cfg.quant_type, bs, end - start)
         # computed in float32 like bitsandbytes, then cast: every dtype rounds the same float32 weight
         return vals[s - start: e - start].view(b - a, in_f).to(dtype)

@@ -23,6 +23,8 @@ import itertools
 
 import torch
 
+from modulora_core import native
+
 CPU = torch.device("cpu")
 SIGN_BIT = (0, 4, 1, 5, 2, 6, 3, 7)  # coordinate i's sign lives in bit SIGN_BIT[i] of the low byte
 # positions of the three 1/2 entries of the 29 squared-norm-12 patterns (the others are 3/2), in order
@@ -203,3 +205,18 @@ def codebook_on(device: torch.device) -> torch.Tensor:
 def to_int16(codes: torch.Tensor) -> torch.Tensor:
     """``0..65535`` long codes -> int16 storage (the same 16 bits)."""
     return (codes - ((codes >> 15) << 16)).to(torch.int16)
+
+
+def gemv_native(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor | None:
+    """``x [N, 8B]`` float32 times the decoded codes ``[m, B]`` transposed: ``[N, m]``, by the CPU kernel (each
+    code's codeword read from the float32 codebook and dotted with its 8 inputs: no decoded weight), or None
+    where it cannot run."""
+    book = codebook_on(CPU)
+    xc = x.contiguous()
+    so = native.lib(xc, codes, book)
+    if so is None or x.dtype != torch.float32 or codes.dtype != torch.int16 or x.shape[0] > native.MAX_ROWS:
+        return None
+    y = xc.new_empty(x.shape[0], codes.shape[0])
+    so.e8p_gemv(xc.data_ptr(), x.shape[0], x.shape[1], codes.data_ptr(), book.data_ptr(), codes.shape[0],
+                y.data_ptr(), native.threads())
+    return y

@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from pydantic import Field, field_validator
 
-from modulora_core import Capabilities, PackedWeight, Quantizer, QuantizerConfig, kernel
+from modulora_core import Capabilities, PackedWeight, Quantizer, QuantizerConfig, kernel, native
 
 from .bitpack import pack_codes, packed_cols, unpack_codes
 
@@ -106,7 +106,11 @@ class RTNQuantizer(Quantizer):
         t = packed.tensors
         g = cfg.group_size if cfg.group_size > 0 else in_f
         zeros = None if cfg.symmetric else t["zeros"][r]
-        w = dequantize(t["codes"][r], t["scales"][r], zeros, cfg.bits, in_f, g, dtype)
+        w = None
+        if cfg.bits == 4 and in_f % g == 0 and g % 2 == 0 and dtype != torch.float64:
+            w = _dequantize_native(t["codes"][r], t["scales"][r], zeros, in_f, dtype)
+        if w is None:
+            w = dequantize(t["codes"][r], t["scales"][r], zeros, cfg.bits, in_f, g, dtype)
         return w if device is None else w.to(device)
 
     def matmul_small(self, x: torch.Tensor, packed: PackedWeight) -> torch.Tensor | None:
@@ -117,6 +121,10 @@ class RTNQuantizer(Quantizer):
         if cfg.bits != 4 or in_f % g or g % 2:
             return None
         t = packed.tensors
+        if x.dtype != torch.float64:
+            y = _gemv_native(x, t["codes"], t["scales"], None if cfg.symmetric else t["zeros"])
+            if y is not None:
+                return y
         zeros = t["scales"].new_full((1, 1), 8) if cfg.symmetric else t["zeros"]  # symmetric: zero 2^(bits-1)
         return gemv_4bit(x.to(torch.float64 if x.dtype == torch.float64 else torch.float32), t["codes"], t["scales"], zeros).to(x.dtype)
 
@@ -161,3 +169,32 @@ def gemv_4bit(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros:
     part = ((c & 0xF).to(x.dtype) * xe + (c >> 4).to(x.dtype) * xo).sum(-1)  # (N, out, G)
     xs = x.view(n, 1, groups, 2 * h).sum(-1)  # (N, 1, G)
     return ((part - zeros.to(x.dtype) * xs) * scales.to(x.dtype)).sum(-1)  # (N, out)
+
+
+def _gemv_native(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+                 zeros: torch.Tensor | None) -> torch.Tensor | None:
+    """``x [N, in] @ W^T -> [N, out]`` by the CPU kernel (4 bits, whole even groups), or None where it cannot run."""
+    xf = x.to(torch.float32).contiguous()
+    so = native.lib(xf, codes, scales, *(() if zeros is None else (zeros,)))
+    if so is None or x.shape[0] > native.MAX_ROWS or scales.dtype not in native.SKIND:
+        return None
+    out_f, groups = scales.shape
+    y = xf.new_empty(x.shape[0], out_f)
+    if so.rtn4_gemv(xf.data_ptr(), x.shape[0], x.shape[1], codes.data_ptr(), codes.shape[1], scales.data_ptr(),
+                    native.SKIND[scales.dtype], native.ptr(zeros), out_f, groups, y.data_ptr(), native.threads()):
+        return None
+    return y.to(x.dtype)
+
+
+def _dequantize_native(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, in_f: int,
+                       dtype: torch.dtype) -> torch.Tensor | None:
+    """:func:`dequantize` for 4 bits and whole even groups by the CPU kernel (the same float32 products, one
+    pass), or None where it cannot run; float16/bfloat16 are cast from float32 once."""
+    so = native.lib(codes, scales, *(() if zeros is None else (zeros,)))
+    if so is None or scales.dtype not in native.SKIND:
+        return None
+    rows, groups = scales.shape
+    w = native.empty((rows, in_f))  # huge pages: a dense weight's page faults cost more than the decode
+    so.rtn4_dequant(codes.data_ptr(), codes.shape[1], scales.data_ptr(), native.SKIND[scales.dtype],
+                    native.ptr(zeros), rows, in_f, groups, w.data_ptr(), native.threads())
+    return w if dtype == torch.float32 else w.to(dtype)

@@ -1,0 +1,193 @@
+"""``python -m benchmarks.bench_layer --kernels``: materialize throughput and the one-token decode step per
+quantizer, three ways side by side, and the same on SmolLM2-135M (generation tokens/s, one training step).
+
+The three ways, chosen by environment variables in one process:
+
+- ``torch`` = ``MODULORA_COMPILE=0``: the plugins' plain torch code, eagerly;
+- ``compiled`` = ``MODULORA_COMPILE=1 MODULORA_NATIVE=0``: that code through ``torch.compile``;
+- ``native`` = the default on a CPU: the C kernels of :mod:`modulora_core.native` where a plugin has one.
+
+Materialize: GB/s of float32 weight written, against ``copy_`` of a float32 tensor of the same size (the
+memory-copy ceiling). Decode: a one-token forward of the frozen base (no LoRA) against dense ``F.linear``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+
+import modulora
+from modulora_core import kernels, native
+
+MODES = {"torch": {kernels.ENV: "0"}, "compiled": {kernels.ENV: "1", native.ENV: "0"}, "native": {}}
+KERNEL_PRESETS = "rtn-4bit,nf4,optq-4bit,quip#-2bit"
+SMOLLM2_PRESETS = ("rtn-4bit", "nf4")  # no calibration: quick to quantize
+
+
+@contextmanager
+def mode_env(mode: str) -> Iterator[None]:
+    """The environment of ``mode`` (see :data:`MODES`), restored afterwards."""
+    keys = (kernels.ENV, native.ENV)
+    old = {k: os.environ.get(k) for k in keys}
+    for k in keys:
+        os.environ.pop(k, None)
+    os.environ.update(MODES[mode])
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def median_time(fn: Callable[[], object], reps: int) -> float:
+    """Median seconds of ``reps`` calls after one warm-up (which also compiles)."""
+    fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def kernel_rows(preset: str, dim: int, reps: int, modes: tuple[str, ...]) -> dict:
+    """Materialize GB/s and one-token decode ms of a ``dim x dim`` weight, per mode; dense and copy figures."""
+    torch.manual_seed(0)
+    w = torch.randn(dim, dim) * dim**-0.5
+    bq = modulora.get_preset(preset)
+    packed = bq.quantize(w, torch.eye(dim) if bq.capabilities().needs_calibration else None)
+    q, x = bq.quantizer, torch.randn(1, dim)
+    fast = bq.capabilities().fast_path
+    decode = (lambda: q.matmul(x, packed)) if fast else (lambda: q.matmul_small(x, packed))
+    gb = dim * dim * 4 / 1e9
+    src, dst = torch.randn(dim, dim), torch.empty(dim, dim)
+    row: dict = {"quantizer": preset, "dim": dim}
+    with torch.no_grad():
+        row["dense_ms"] = median_time(lambda: torch.nn.functional.linear(x, w), 15) * 1e3
+        for mode in modes:
+            with mode_env(mode):
+                row[f"materialize_gbps_{mode}"] = gb / median_time(
+                    lambda: q.materialize(packed, dtype=torch.float32), reps)
+                if mode == "torch":
+                    row["materialize_linear_ms"] = median_time(
+                        lambda: torch.nn.functional.linear(x, q.materialize(packed, dtype=torch.float32)), reps) * 1e3
+                ok = fast or decode() is not None
+                row[f"decode_ms_{mode}"] = median_time(decode, 15) * 1e3 if ok else None
+        row["copy_gbps"] = gb / median_time(lambda: dst.copy_(src), reps)
+    return row
+
+
+def smollm2_rows(presets: tuple[str, ...], new_tokens: int, reps: int) -> list[dict]:
+    """SmolLM2-135M: greedy generation tokens/s (``new_tokens`` after a short prompt) and one training step
+    (batch 2 x 128, LoRA r=8) per preset, torch vs native, and the dense model's tokens/s."""
+    from transformers import AutoModelForCausalLM
+
+    from modulora.finetune.pretrained import smollm2_dir
+
+    path = str(smollm2_dir())
+    ids = torch.arange(100, 116)[None]  # a 16-token prompt
+    batch = torch.randint(100, 4000, (2, 128), generator=torch.Generator().manual_seed(0))
+
+    def tokens_per_s(model: torch.nn.Module) -> float:
+        def gen() -> None:
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        with torch.no_grad():
+            return new_tokens / median_time(gen, reps)
+
+    dense = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    rows = [{"model": "dense", "tokens_per_s": tokens_per_s(dense)}]
+    for preset in presets:
+        model = modulora.load(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), preset)
+
+        def train_step(model: torch.nn.Module = model) -> None:
+            model.zero_grad(set_to_none=True)
+            model(input_ids=batch, labels=batch).loss.backward()
+
+        row: dict = {"model": preset}
+        for mode in ("torch", "native"):
+            with mode_env(mode):
+                model.eval()
+                row[f"tokens_per_s_{mode}"] = tokens_per_s(model)
+                model.train()
+                row[f"train_step_s_{mode}"] = median_time(train_step, max(1, reps - 1))
+        rows.append(row)
+    return rows
+
+
+def _cell(v: float | None, d: float | None = None, fmt: str = ".1f") -> str:
+    if v is None:
+        return "-"
+    return f"{v:{fmt}}" + ("" if d is None else f" ({v / d:.2f}x)")
+
+
+def report(a: argparse.Namespace, rows: list[dict], lm: list[dict]) -> str:
+    """The markdown body of the ``kernels`` section."""
+    modes = [m for m in MODES if f"materialize_gbps_{m}" in rows[0]] if rows else []
+    mat = [f"| {r['quantizer']} | " + " | ".join(f"{r[f'materialize_gbps_{m}']:.2f}" for m in modes)
+           + f" | {r['copy_gbps']:.2f} | "
+           + " | ".join(f"{r[f'materialize_gbps_{m}'] / r['copy_gbps']:.2f}" for m in modes) + " |" for r in rows]
+    dec = [f"| {r['quantizer']} | {r['dense_ms']:.2f} | {_cell(r['materialize_linear_ms'], r['dense_ms'])} | "
+           + " | ".join(_cell(r[f'decode_ms_{m}'], r['dense_ms'], '.2f') for m in modes) + " |" for r in rows]
+    body = (
+        f"One {a.dim}x{a.dim} weight, float32, {torch.get_num_threads()} torch thread(s). Ways: torch = "
+        "`MODULORA_COMPILE=0` (the plugins' torch code, eager); compiled = `MODULORA_COMPILE=1 MODULORA_NATIVE=0` "
+        "(`torch.compile` of that code; the first call, which compiles, is a warm-up); native = the default on a "
+        "CPU, the C kernels of `modulora_core/native_kernels.c` (QuIP# materialize has none: it runs its torch code). "
+        f"Medians of {a.reps} (materialize) and 15 (decode) calls. The machine was shared with other work while "
+        "this ran: read the ratios, measured side by side, more than the absolute figures.\n\n"
+        "Materialize: GB/s of float32 weight written (a fresh tensor each call, as in a training step), against "
+        "`copy_` into a preallocated float32 tensor of the same size (the ceiling).\n\n"
+        "| quantizer | " + " | ".join(f"{m} GB/s" for m in modes) + " | copy GB/s | "
+        + " | ".join(f"{m} / ceiling" for m in modes) + " |\n|" + "---|" * (2 + 2 * len(modes)) + "\n"
+        + "\n".join(mat) + "\n\n"
+        "Decode step: a one-token forward of the frozen base, ms (times the dense layer). Decode path = "
+        "`matmul_small` from the packed form (QuIP#: its fast path, which rotates x and, natively, dots each "
+        "E8P codeword with its 8 inputs without decoding rows).\n\n"
+        "| quantizer | dense F.linear ms | materialize + F.linear ms | " + " | ".join(f"decode {m} ms" for m in modes)
+        + " |\n|" + "---|" * (3 + len(modes)) + "\n" + "\n".join(dec) + "\n"
+    )
+    if lm:
+        d = lm[0]["tokens_per_s"]
+        lines = [f"| {r['model']} | {_cell(r['tokens_per_s_torch'], None)} | {_cell(r['tokens_per_s_native'], None)} "
+                 f"({r['tokens_per_s_native'] / r['tokens_per_s_torch']:.1f}x; {r['tokens_per_s_native'] / d:.2f} of "
+                 f"dense) | {r['train_step_s_torch']:.2f} | {r['train_step_s_native']:.2f} |" for r in lm[1:]]
+        body += (
+            f"\nSmolLM2-135M-Instruct, every decoder linear quantized (`modulora.load`, LoRA r=8): greedy generation of "
+            f"{a.new_tokens} tokens after a 16-token prompt (tokens/s; dense float32 model: {d:.1f} tokens/s), and one "
+            "training step (forward + backward, batch 2 x 128), s. Medians of "
+            f"{a.lm_reps} runs.\n\n| preset | generate torch tok/s | generate native tok/s | train step torch s | "
+            "train step native s |\n|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
+    return body
+
+
+def run_kernels(a: argparse.Namespace) -> None:
+    """The ``--kernels`` report (see the module docstring); writes docs/benchmarks.md unless ``--no-write``."""
+    modes = tuple(m for m in MODES if m != "compiled" or not a.no_compile)
+    rows = [kernel_rows(p.strip(), a.dim, a.reps, modes) for p in a.presets.split(",") if p.strip()]
+    lm = smollm2_rows(SMOLLM2_PRESETS, a.new_tokens, a.lm_reps) if a.lm_reps else []
+    body = report(a, rows, lm)
+    print(body)
+    if not a.no_write:
+        from benchmarks.report import write_data, write_section
+
+        cmd = "python -m benchmarks.bench_layer --kernels" + (f" --dim {a.dim}" if a.dim != 4096 else "")
+        write_data("kernels", cmd, {"layer": rows, "smollm2": lm})
+        write_section("kernels", "Kernels: materialize and the one-token decode step (torch, compiled, native)",
+                      cmd, body)
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """``--kernels``' own options."""
+    ap.add_argument("--new-tokens", type=int, default=32, help="--kernels: tokens generated per SmolLM2 run")
+    ap.add_argument("--lm-reps", type=int, default=3, help="--kernels: SmolLM2 runs per figure (0: skip SmolLM2)")
+    ap.add_argument("--no-compile", action="store_true", help="--kernels: skip the torch.compile column")
