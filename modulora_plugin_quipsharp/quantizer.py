@@ -36,7 +36,7 @@ from modulora_core import (
 )
 
 from . import hadamard, ldlq, rvq
-from .e8p import to_int16
+from .e8p import gemv_native, to_int16
 from .incoherence import Incoherence, pack_signs, unpack_signs
 
 BLOCK = ldlq.BLOCK
@@ -290,11 +290,14 @@ class QuipSharpQuantizer(Quantizer):
         dt = self._work_dtype(x)
         inc = self.incoherence(packed, x.device)
         x1 = inc.forward(x.to(dt), "in").reshape(-1, n)  # (N, n): x U^T
-        y = x1.new_empty(x1.shape[0], m)
-        rows = self._row_blocks(packed)
-        for a in rows:
-            b = min(a + rows.step, m)
-            y[:, a:b] = x1 @ self.decoded(packed, slice(a, b), dt).T
+        # a decode step (a few rows, 2 bits) on a CPU: codebook lookups dotted with x1, no decoded rows at all
+        y = gemv_native(x1, packed.tensors["codes"]) if packed.config.bits == 2 else None
+        if y is None:
+            y = x1.new_empty(x1.shape[0], m)
+            rows = self._row_blocks(packed)
+            for a in rows:
+                b = min(a + rows.step, m)
+                y[:, a:b] = x1 @ self.decoded(packed, slice(a, b), dt).T
         y *= packed.tensors["scale"].to(dt)  # a [1] tensor on the device: float() would sync the host
         return inc.backward(y, "out").reshape(*x.shape[:-1], m).to(x.dtype)  # (..., m): y V
 
