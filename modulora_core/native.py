@@ -45,6 +45,7 @@ _SIGNATURES = {
     "nf4_gemv": (_I, [_P, _I64, _I64, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _P, _I]),
     "nf4_dequant": (None, [_P, _P, _P, _P, _P, _P, _I64, _P, _I64, _I64, _P, _I]),
     "e8p_gemv": (None, [_P, _I64, _I64, _P, _P, _I64, _P, _I]),
+    "quip2_materialize": (_I, [_P, _P, _I64, _I64, _I64, _I64, _P, _I64, _I64, _P, _P, _P, _P, _I]),
 }
 
 

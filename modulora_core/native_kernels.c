@@ -360,3 +360,113 @@ void e8p_gemv(const float *x, int64_t n, int64_t k, const int16_t *codes, const 
         }
     }
 }
+
+/* In-place unnormalized Sylvester transform H_p over the outer index of x viewed as [p, inner] (p a power of
+ * two), levels h0, 2 h0, ... < p (h0 > 1: the lower levels were applied already): butterflies (a, b) ->
+ * (a + b, a - b), two levels per pass (radix 4, half the passes over memory), which give the natural
+ * (Sylvester) order. */
+static void fwht(float *x, int64_t p, int64_t inner, int64_t h0) {
+    int64_t h = h0;
+    for (; 4 * h <= p; h *= 4)
+        for (int64_t base = 0; base < p; base += 4 * h) {
+            float *a = x + base * inner, *b = a + h * inner, *c = b + h * inner, *d = c + h * inner;
+#pragma omp simd
+            for (int64_t t = 0; t < h * inner; t++) {
+                float s0 = a[t] + b[t], d0 = a[t] - b[t], s1 = c[t] + d[t], d1 = c[t] - d[t];
+                a[t] = s0 + s1;
+                c[t] = s0 - s1;
+                b[t] = d0 + d1;
+                d[t] = d0 - d1;
+            }
+        }
+    for (; h < p; h *= 2)
+        for (int64_t base = 0; base < p; base += 2 * h) {
+            float *a = x + base * inner, *b = x + (base + h) * inner;
+#pragma omp simd
+            for (int64_t t = 0; t < h * inner; t++) {
+                float s = a[t], d = b[t];
+                a[t] = s + d;
+                b[t] = s - d;
+            }
+        }
+}
+
+/* x viewed as [p, kk, inner]: every [kk, inner] block becomes F^T times it (F [kk, kk] row-major); tmp holds
+ * kk * inner floats. */
+static void dense_t(float *x, int64_t p, int64_t kk, int64_t inner, const float *f, float *tmp) {
+    for (int64_t u = 0; u < p; u++) {
+        float *blk = x + u * kk * inner;
+        memset(tmp, 0, sizeof(float) * (size_t)(kk * inner));
+        if (inner == 1) { /* a row's blocks: vectorize over F's rows instead */
+            for (int64_t b = 0; b < kk; b++) {
+                float xb = blk[b];
+                const float *fr = f + b * kk;
+#pragma omp simd
+                for (int64_t a = 0; a < kk; a++) tmp[a] += xb * fr[a];
+            }
+            memcpy(blk, tmp, sizeof(float) * (size_t)kk);
+            continue;
+        }
+        for (int64_t b = 0; b < kk; b++)
+            for (int64_t a = 0; a < kk; a++) {
+                float fv = f[b * kk + a];
+                const float *src = blk + b * inner;
+                float *dst = tmp + a * inner;
+#pragma omp simd
+                for (int64_t t = 0; t < inner; t++) dst[t] += fv * src[t];
+            }
+        memcpy(blk, tmp, sizeof(float) * (size_t)(kk * inner));
+    }
+}
+
+#define QUIP_STRIP 32 /* columns per output-side task: a strip of all m rows stays in L2 */
+
+/* QuIP# 2-bit materialize: w [m, n] = diag(rowf) H_m^T C H_n diag(colf), C the E8P codewords of codes [m, n/8]
+ * (book [65536, 8]; when n is a power of two (k_in = 1), book holds H_8 times each codeword: the input side's
+ * three lowest levels act within one codeword, so they come with the lookup). Each side's transform is kron(H_p, F) with F [kk, kk] (NULL when kk = 1), unnormalized;
+ * rowf and colf (float64) carry the norms, the scale and the signs, applied in float64 and rounded once.
+ * Codewords are multiples of 1/4 and H, Paley F are +-1: the float32 sums stay exact while below 2^22. */
+int quip2_materialize(const int16_t *codes, const float *book, int64_t m, int64_t n, int64_t p_in, int64_t k_in,
+                      const float *f_in, int64_t p_out, int64_t k_out, const float *f_out, const double *rowf,
+                      const double *colf, float *w, int nt) {
+    int fail = 0;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        float *tmp = (float *)malloc(sizeof(float) * (size_t)(k_in > 1 ? k_in : 1));
+        float *buf = (float *)malloc(sizeof(float) * (size_t)(m * QUIP_STRIP));
+        float *tmp2 = (float *)malloc(sizeof(float) * (size_t)(k_out * QUIP_STRIP));
+        if (!tmp || !buf || !tmp2) {
+#pragma omp atomic write
+            fail = 1;
+        }
+#pragma omp barrier
+        if (!fail) {
+#pragma omp for schedule(static)
+            for (int64_t o = 0; o < m; o++) { /* input side: decode a row, transform it in L1 */
+                const uint16_t *c = (const uint16_t *)codes + o * (n / 8);
+                float *row = w + o * n;
+                for (int64_t j = 0; j < n / 8; j++) memcpy(row + 8 * j, book + (int64_t)c[j] * 8, 8 * sizeof(float));
+                fwht(row, p_in, k_in, k_in == 1 ? 8 : 1);
+                if (k_in > 1) dense_t(row, p_in, k_in, 1, f_in, tmp);
+            }
+#pragma omp for schedule(static)
+            for (int64_t c0 = 0; c0 < n; c0 += QUIP_STRIP) { /* output side: a strip of columns at a time */
+                int64_t cw = n - c0 < QUIP_STRIP ? n - c0 : QUIP_STRIP;
+                for (int64_t o = 0; o < m; o++) memcpy(buf + o * cw, w + o * n + c0, sizeof(float) * (size_t)cw);
+                fwht(buf, p_out, k_out * cw, 1);
+                if (k_out > 1) dense_t(buf, p_out, k_out, cw, f_out, tmp2);
+                for (int64_t o = 0; o < m; o++) {
+                    float *dst = w + o * n + c0;
+                    const float *src = buf + o * cw;
+                    double rf = rowf[o];
+#pragma omp simd
+                    for (int64_t t = 0; t < cw; t++) dst[t] = (float)(((double)src[t] * rf) * colf[c0 + t]);
+                }
+            }
+        }
+        free(tmp);
+        free(buf);
+        free(tmp2);
+    }
+    return fail ? -1 : 0;
+}

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from modulora_core import InvalidWeightError
+from modulora_core import InvalidWeightError, native
 
 # larger powers of two are split (4096 = 16 x 16 x 16, 1536 = 16 x 8 x 12): a factor of order f costs f
 # multiply-adds per element, and three passes of 16 beat two of 64 (measured: 2x faster for 4096)
@@ -229,3 +229,39 @@ def hadamard_matrix(n: int, rot: torch.Tensor | None = None) -> torch.Tensor:
     """The dense ``[n, n]`` orthogonal transform of size ``n`` (float64): for tests and small sizes."""
     p = plan(n)
     return kron_apply(torch.eye(n, dtype=torch.float64, device="cpu"), factor_matrices(p, rot)).T * p.norm
+
+
+@functools.lru_cache(maxsize=8)
+def _codebook_h8(device: torch.device) -> torch.Tensor:
+    """``[65536, 8]`` float32: ``H_8`` times each E8P codeword (exact: multiples of 1/4, sums of 8)."""
+    from .e8p import codebook_on  # lazy: e8p is the codebook's module, this one the transforms'
+
+    return (codebook_on(device).double() @ sylvester(8).to(device)).float().contiguous()
+
+
+def materialize_2bit_native(codes: torch.Tensor, rot_in: torch.Tensor | None, rot_out: torch.Tensor | None,
+                            row_factor: torch.Tensor, col_factor: torch.Tensor) -> torch.Tensor | None:
+    """``diag(row_factor) H_m^T C H_n diag(col_factor)`` as float32 ``[m, n]`` by the CPU kernel, or None where
+    it cannot run. ``codes`` int16 ``[m, n / 8]`` are E8P codes (C, their codewords); the
+    transforms are the unnormalized Kronecker products of :func:`plan` (``rot_*``: a side's stored random
+    factor); ``row_factor`` ``[m]`` and ``col_factor`` ``[n]`` are float64 and carry the norms and the scale.
+    One float32 pass per side (each row transformed in cache, then strips of columns), instead of float64
+    GEMMs over the whole weight."""
+    m, n = codes.shape[0], codes.shape[1] * 8
+    p_in, p_out = plan(n), plan(m)
+    f_in = factor_matrices(p_in, rot_in)[-1].to(torch.float32).contiguous() if p_in.k > 1 else None
+    f_out = factor_matrices(p_out, rot_out)[-1].to(torch.float32).contiguous() if p_out.k > 1 else None
+    facs = tuple(f for f in (f_in, f_out) if f is not None)
+    from .e8p import codebook_on
+
+    # a power-of-two n: the input side's three lowest levels come with the lookup (see native_kernels.c)
+    book = _codebook_h8(codes.device) if p_in.k == 1 else codebook_on(codes.device)
+    so = native.lib(codes, book, row_factor, col_factor, *facs)
+    if so is None or codes.dtype != torch.int16 or row_factor.dtype != torch.float64:
+        return None
+    w = native.empty((m, n))  # huge pages: a dense weight's page faults cost more than the kernel
+    if so.quip2_materialize(codes.data_ptr(), book.data_ptr(), m, n, p_in.pow2, p_in.k, native.ptr(f_in), p_out.pow2,
+                            p_out.k, native.ptr(f_out), row_factor.data_ptr(), col_factor.data_ptr(), w.data_ptr(),
+                            native.threads()):
+        return None
+    return w

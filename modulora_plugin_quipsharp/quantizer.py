@@ -246,6 +246,9 @@ class QuipSharpQuantizer(Quantizer):
 
         The generic path: it takes a few float64 copies of the weight (the layer itself runs on the fast
         path, :meth:`matmul`), and a block of rows still decodes every row (the output side mixes them).
+        2 bits on a CPU: the C kernel instead, float32 transforms of the integer-valued codewords (exact while
+        the sums stay below 2^22 quarter units, as they do for real weights) and one rounding of the product
+        with the float64 scale: the same floats as the float64 path.
         """
         m, n = packed.shape
         a, b, step = (rows or slice(None)).indices(m)
@@ -254,6 +257,15 @@ class QuipSharpQuantizer(Quantizer):
         b = max(a, b)
         p_in, p_out = hadamard.plan(n), hadamard.plan(m)
         t = packed.tensors
+        if packed.config.bits == 2 and dtype != torch.float64 and device in (None, t["codes"].device):
+            # the CPU kernel: float32 transforms (exact: integer-valued sums), one float64 rounding at the end
+            c = t["scale"].to(torch.float64) * (p_in.norm * p_out.norm)  # codewords, not 4x: divisor 1
+            w = hadamard.materialize_2bit_native(t["codes"], t.get("rot_in"), t.get("rot_out"),
+                                                 unpack_signs(t["sv"], torch.float64) * c,
+                                                 unpack_signs(t["su"], torch.float64))
+            if w is not None:
+                w = w if (a, b) == (0, m) else w[a:b].clone()
+                return w if dtype == torch.float32 else w.to(dtype)
         first, second = self._codes(packed)
         k, divisor = rvq.integer_sum(first, second, packed.config.bits)  # (m, n/8, 8) integer-valued float64
         mats_in = hadamard.factors_on(p_in, t.get("rot_in"), torch.float64, k.device)
