@@ -137,8 +137,8 @@ def test_finetune_fsdp_matches_one_process_and_resumes(tmp_path):
 
 def test_plan_per_process_under_fsdp_and_ddp():
     """``plan(..., world_size=2, fsdp=True)``: packed base, LoRA state and the unquantized parts halved (the
-    root's parts gathered whole besides), two blocks' packed bytes all-gathered, the process group's
-    runtime added; DDP only adds the runtime. ``modulora plan --world-size 2 --fsdp --json`` says the same."""
+    root's final norm gathered whole besides: the embeddings and lm_head are units of their own), two
+    blocks' packed bytes or the lm_head and one block all-gathered, the process group's runtime added; DDP only adds the runtime. ``modulora plan --world-size 2 --fsdp --json`` says the same."""
     from typer.testing import CliRunner
 
     from modulora.cli import _register, app
@@ -157,9 +157,18 @@ def test_plan_per_process_under_fsdp_and_ddp():
     bq = get_preset("rtn-2bit")
     block0 = sum(bq.quantizer.packed_nbytes(s, bq.config) for s in
                  [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)])
-    assert cf["gathered"] == 2 * block0
-    root = 49152 * 576 * 4 + 576 * 4  # tied embeddings / lm_head once, the final norm
-    assert cf["unquantized"] == root + -(-c1["unquantized"] // 2)
+    tied = 49152 * 576 * 4  # embeddings and lm_head tied: one FSDP unit, counted once
+    assert cf["gathered"] == max(2 * block0, block0 + tied)  # at the loss: the lm_head and the last block
+    assert cf["unquantized"] == 576 * 4 + -(-c1["unquantized"] // 2)  # only the final norm gathered whole
+    from transformers import LlamaConfig
+
+    from modulora.planning.shapes import model_shapes
+    from modulora.planning.sharding import embedding_unit_params
+
+    dims = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=300)
+    for tie, units in ((True, [300 * 64]), (False, [300 * 64, 300 * 64])):
+        config = LlamaConfig(**dims, tie_word_embeddings=tie, architectures=["LlamaForCausalLM"])
+        assert embedding_unit_params(model_shapes(config, None)) == units
     assert block_of("model.layers.12.mlp.up_proj") == 12 and block_of("model.norm.weight") is None
     with pytest.raises(ModuLoRAError, match="world_size"):
         plan("smollm2-135m", "rtn-2bit", world_size=0)

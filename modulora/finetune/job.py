@@ -50,7 +50,7 @@ from .runs import (
     run_fingerprint,
     write_run_config,
 )
-from .sharded import ShardedTrainer, packed_bytes_per_process
+from .sharded import ShardedTrainer, fsdp_requested, packed_bytes_per_process
 from .tasks import Task, data_task, get_task
 from .train import (
     GracefulStop,
@@ -154,7 +154,8 @@ def run(job: FinetuneConfig, train: TrainConfig, *, resume: bool = False, overwr
     train_ds = EncodedDataset(tok, task.examples("train"), max_len, job.chat_template, what="training examples")
     eval_ds = (EncodedDataset(tok, val, max_len, job.chat_template, what="validation examples")
                if train.eval_steps and val else None)
-    fsdp = train.fsdp and args.world_size > 1  # FSDP2 shards the model when training starts (sharded.py)
+    # FSDP2 shards the model when training starts (sharded.py): --fsdp, or accelerate launch's FSDP config
+    fsdp = (train.fsdp or fsdp_requested(args)) and args.world_size > 1
     if args.world_size > 1 and not fsdp:
         exclude_frozen_from_ddp(model)
     stopper = GracefulStop().install()

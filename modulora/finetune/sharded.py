@@ -34,6 +34,15 @@ from .train import ModuLoRATrainer
 OPTIMIZER_NAME, SCHEDULER_NAME = "optimizer.pt", "scheduler.pt"  # the Trainer's file names
 
 
+def fsdp_requested(args: Any = None) -> bool:
+    """Whether the launch asks for FSDP without ``--fsdp``: ``accelerate launch`` with an FSDP config (it
+    sets ``ACCELERATE_USE_FSDP``), or the Trainer's own ``fsdp`` options in ``args`` (TrainingArguments).
+    ModuLoRA then shards with :func:`~modulora_core.fsdp.shard_model` (FSDP2, whatever version the config
+    names): accelerate's own FSDP cannot shard the packed base (on CPU it falls back to DDP)."""
+    env = os.environ.get("ACCELERATE_USE_FSDP", "false").strip().lower() in ("1", "true", "yes")
+    return env or bool(getattr(args, "fsdp", None))
+
+
 class ShardedTrainer(ModuLoRATrainer):
     """:class:`ModuLoRATrainer` with FSDP2: every process holds about 1/N of the packed base and of the
     adapters; saved adapters and optimizer states are gathered whole."""
@@ -46,10 +55,14 @@ class ShardedTrainer(ModuLoRATrainer):
         self.is_distributed_loading_by_transformers = True
         self._sharded = False
 
+    def _move_model_to_device(self, model: torch.nn.Module, device: torch.device) -> None:
+        """Nothing: :meth:`shard` moves the model to ``device`` one FSDP unit at a time, keeping only this
+        process's shard of each there (the Trainer would move the whole packed model first)."""
+
     def shard(self) -> None:
-        """Shard the model (once); the Trainer calls it before building the optimizer."""
+        """Shard the model (once) over this process's device; the Trainer calls it before the optimizer."""
         if not self._sharded:
-            shard_model(self.model)
+            shard_model(self.model, device=self.args.device)
             self._sharded = True
 
     def _prepare_for_training(self, *args: Any, **kwargs: Any) -> Any:

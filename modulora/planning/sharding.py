@@ -5,10 +5,12 @@ Under FSDP2 each process holds, besides what one process of a DDP run holds per 
 
 - 1/N of the packed base and of each block's other parameters (norms), and 1/N of the LoRA parameters,
   gradients and optimizer states;
-- the all-gathered packed tensors of two blocks at once: the one that runs and the one FSDP2 prefetches
-  (the next in forward, the previous in backward), each a whole block's packed bytes;
-- the root's own parameters (embeddings, final norm, lm_head: what no block holds) whole from the start of
-  the forward to the end of the backward (FSDP2 never reshards the root after forward) beside their 1/N shard;
+- what is all-gathered at once: two blocks' packed tensors (the one that runs and the one FSDP2 prefetches:
+  the next in forward, the previous in backward), or, at the loss, the lm_head (its own unit, gathered for
+  its forward and again for its backward) and the last block, prefetched; the input embedding is its own
+  unit too, gathered only for its forward (one unit with the lm_head when they are tied);
+- the root's own parameters (the final norm: what no other unit holds) whole from the start of the forward
+  to the end of the backward (FSDP2 never reshards the root after forward) beside their 1/N shard;
 - the process group's own runtime (gloo's or NCCL's buffers and threads): :data:`DISTRIBUTED_RUNTIME`.
 """
 
@@ -46,6 +48,13 @@ def root_dense_params(shapes: ModelShapes) -> int:
     return sum(n for name, n in shapes.dense_params.items() if block_of(name) is None)
 
 
+def embedding_unit_params(shapes: ModelShapes) -> list[int]:
+    """Parameters of each embedding unit (``modulora_core.fsdp.embedding_units``): the root's vocabulary-sized
+    matrices, the input embedding and the lm_head (one entry when tied: ``dense_params`` counts it once)."""
+    return [n for name, n in shapes.dense_params.items()
+            if block_of(name) is None and n >= shapes.vocab_size and n % shapes.vocab_size == 0]
+
+
 def per_process(comps: list, shapes: ModelShapes, *, world_size: int, fsdp: bool, block_packed: int,
                 dense_bytes_per_param: int, device: str) -> list:
     """``comps`` (one process's :class:`~modulora.planning.planner.Component` list, its batch being the
@@ -60,15 +69,17 @@ def per_process(comps: list, shapes: ModelShapes, *, world_size: int, fsdp: bool
     out = []
     for c in comps:
         if fsdp and c.key == "packed":
+            head = max(embedding_unit_params(shapes), default=0) * dense_bytes_per_param
+            gathered = max(2 * block_packed, block_packed + head)
             out.append(replace(c, nbytes=-(-c.nbytes // n), label=c.label + f" (1/{n} per process)"))
-            out.append(Component("gathered", "all-gathered packed blocks (FSDP)", 2 * block_packed,
-                                 f"2 blocks of {format_size(block_packed)}: the running one and the prefetched one"))
+            out.append(Component("gathered", "all-gathered units (FSDP)", gathered,
+                                 f"the larger of 2 blocks of {format_size(block_packed)} (the running one and the "
+                                 f"prefetched one) and the lm_head's {format_size(head)} with one block"))
         elif fsdp and c.key == "unquantized":
-            root = root_dense_params(shapes) * dense_bytes_per_param
-            rest = c.nbytes - root
-            out.append(replace(c, nbytes=root + -(-(root + rest) // n),
+            root = (root_dense_params(shapes) - sum(embedding_unit_params(shapes))) * dense_bytes_per_param
+            out.append(replace(c, nbytes=root + -(-c.nbytes // n),
                                detail=c.detail + f"; FSDP: 1/{n} each, and the root's {format_size(root)} "
-                               f"(embeddings, final norm, lm_head) gathered whole for the step"))
+                               f"(final norm) gathered whole for the step"))
         elif fsdp and c.key == "lora":
             out.append(replace(c, nbytes=-(-c.nbytes // n), label=c.label + f" (1/{n} per process)"))
         elif c.key == "runtime":
