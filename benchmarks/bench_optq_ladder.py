@@ -7,7 +7,7 @@ ranges); + group-aware order (GAR); + dampening 5% (these three are GPTQModel 7.
 ``benchmarks/bench_optq.py``; GPTQModel runs in a subprocess, in the environment ``$MODULORA_GPTQMODEL_PYTHON``
 names when set.
 
-    python -m benchmarks.bench_optq_ladder --quick               # bits 3 and 4
+    python -m benchmarks.bench_optq_ladder --quick               # bits 3 (every step) and 4 (our defaults)
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--eval-tokens", type=int, default=32768)
     ap.add_argument("--bits", type=int, nargs="+", default=[3, 4])
+    ap.add_argument("--ladder-bits", type=int, nargs="*", default=[3],
+                    help="bits that get every step; the others only our defaults (the last step)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--no-write", action="store_true", help="print only; do not update docs/benchmarks.md")
@@ -51,7 +53,7 @@ def main() -> None:
     print(f"dense: ppl {ppl_dense:.3f}", flush=True)
     rows: list[dict] = []
     for bits in a.bits:
-        for label, kw in LADDER:
+        for label, kw in LADDER if bits in a.ladder_bits else LADDER[-1:]:
             cfg = OPTQConfig(bits=bits, group_size=128, sym=True, desc_act=False, **kw)
             sec, ppl, bpw = run_ours(d, calib, eval_win, cfg, a.batch_size)
             rows.append({"family": "optq", "bits": bits, "step": label, "perplexity": ppl, "bits_per_weight": bpw,
@@ -70,7 +72,7 @@ def main() -> None:
     if not a.no_write:
         from benchmarks.report import write_data, write_section
 
-        flags = changed_flags(a, ap, ("n_samples", "seq_len", "eval_tokens", "bits", "batch_size"))
+        flags = changed_flags(a, ap, ("n_samples", "seq_len", "eval_tokens", "bits", "ladder_bits", "batch_size"))
         name = "optq-ladder" + flags.replace(" --", "-").replace(" ", "")
         command = "python -m benchmarks.bench_optq_ladder" + flags
         write_section(name, "OPTQ against GPTQModel's defaults: what each setting is worth", command, body)
@@ -89,9 +91,9 @@ def report(rows: list[dict], ppl_dense: float, calib: torch.Tensor, eval_win: to
     lines = ["| bits | our OPTQ settings | perplexity | vs dense | gap closed | quantize s |", "|---|---|---|---|---|---|"]
     for r in rows:
         same = [o for o in rows if o["bits"] == r["bits"]]
-        plain = next(o["perplexity"] for o in same if o["family"] == "optq")
+        plain = next((o["perplexity"] for o in same if o["step"] == LADDER[0][0]), None)
         ref = next((o["perplexity"] for o in same if o["family"] == "gptqmodel"), None)
-        closed = f"{(plain - r['perplexity']) / (plain - ref):.0%}" if ref is not None and plain != ref else "-"
+        closed = "-" if plain is None or ref is None or plain == ref else f"{(plain - r['perplexity']) / (plain - ref):.0%}"
         lines.append(f"| {r['bits']} | {r['step']} | {r['perplexity']:.3f} | {r['perplexity'] / ppl_dense - 1:+.1%} "
                      f"| {closed} | {r['quantize_s']:.0f} |")
     return head + "\n".join(lines) + "\n"
