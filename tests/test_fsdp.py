@@ -86,9 +86,27 @@ def test_flat_packed_parameters_change_nothing_unsharded():
     torch.testing.assert_close(layer(x), before)
 
 
-def _finetune(nproc: int, tiny: Path, data: Path, out: Path, *extra: str) -> dict:
+ACCELERATE_FSDP = """compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+fsdp_config:
+  fsdp_version: 2
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_reshard_after_forward: true
+  fsdp_state_dict_type: FULL_STATE_DICT
+num_processes: 2
+num_machines: 1
+machine_rank: 0
+use_cpu: true
+mixed_precision: 'no'
+main_process_port: 29575
+"""
+
+
+def _finetune(nproc: int, tiny: Path, data: Path, out: Path, *extra: str, accelerate: Path | None = None) -> dict:
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
                                                    "--nproc_per_node", str(nproc), "--master_port", "29574"]
+    if accelerate is not None:  # accelerate launch with an FSDP config file, no --fsdp
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate)]
     cmd = [*launcher, "-m", "modulora", "finetune", "--model", str(tiny), "--quantizer", "nf4", "--data", str(data),
            "--out", str(out), "--max-steps", "5", "--save-steps", "3", "--batch-size", str(4 // nproc),
            "--logging-steps", "1", "--eval-size", "0", "--lr", "5e-3", *extra]
@@ -98,8 +116,8 @@ def _finetune(nproc: int, tiny: Path, data: Path, out: Path, *extra: str) -> dic
 
 
 def test_finetune_fsdp_matches_one_process_and_resumes(tmp_path):
-    """``torchrun ... modulora finetune --fsdp``: each process holds half the packed bytes; the losses and the
-    adapter (saved once, PEFT format) are those of one process; ``--resume`` from the step-3 checkpoint
+    """``torchrun ... modulora finetune --fsdp``, and ``accelerate launch`` with an FSDP config: each process
+    holds half the packed bytes; the losses and the adapter (saved once, PEFT format) are those of one process; ``--resume`` from the step-3 checkpoint
     (adapter and sharded optimizer state) gives steps 4 and 5 of one process again. (5 steps: the 23
     examples give 5 full global batches of 4; a sixth would be split unevenly between the processes.)"""
     import shutil
@@ -129,6 +147,14 @@ def test_finetune_fsdp_matches_one_process_and_resumes(tmp_path):
             torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4)
 
     same_as_one(tmp_path / "two")
+
+    # accelerate launch with the Trainer's FSDP config (no --fsdp): the same sharding, the same run
+    config = tmp_path / "fsdp.yaml"
+    config.write_text(ACCELERATE_FSDP)
+    acc = _finetune(2, tiny, data, tmp_path / "acc", accelerate=config)
+    assert acc["packed_bytes_per_process"] == two["packed_bytes_per_process"]
+    same_as_one(tmp_path / "acc")
+
     shutil.rmtree(tmp_path / "two" / "checkpoints" / "checkpoint-5")
     shutil.rmtree(tmp_path / "two" / "adapter")
     _finetune(2, tiny, data, tmp_path / "two", "--fsdp", "--resume")
@@ -179,3 +205,34 @@ def test_plan_per_process_under_fsdp_and_ddp():
     assert r.exit_code == 0, r.output
     got = json.loads(r.output)
     assert got["total_bytes"] == fsdp.total and got["settings"]["fsdp"] and got["settings"]["world_size"] == 2
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_embeddings_and_lm_head_are_units_of_their_own(tied):
+    """The input embedding and the lm_head are FSDP units apart from the root, one unit when tied (the tie
+    kept); the sharded model's loss is the unsharded one's. One gloo process: the units, not the split."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import modulora
+    from modulora_core.fsdp import embedding_units, shard_model
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         vocab_size=300, tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    model = modulora.load(LlamaForCausalLM(config), "rtn", lora=None)
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    assert embedding_units(model) == ([[emb, head]] if tied else [emb, head])
+    ids = torch.randint(300, (2, 8), generator=torch.Generator().manual_seed(0))
+    want = model(input_ids=ids, labels=ids).loss.detach()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        shard_model(model)
+        assert isinstance(emb, FSDPModule) and isinstance(head, FSDPModule)
+        assert (emb.weight is head.weight) == tied
+        root = model.model.norm.weight  # the final norm stays in the root unit, which holds nothing else
+        assert not isinstance(model.model.norm, FSDPModule) and hasattr(root, "to_local")
+        torch.testing.assert_close(model(input_ids=ids, labels=ids).loss.detach(), want)
+    finally:
+        dist.destroy_process_group()
