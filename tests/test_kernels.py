@@ -145,3 +145,20 @@ def test_native_empty_is_an_ordinary_tensor() -> None:
     t = native.empty((3000, 1000))  # 12 MB: asks for huge pages
     t.fill_(2.0)
     assert t.shape == (3000, 1000) and t.dtype == torch.float32 and float(t.sum()) == 6e6
+
+
+def test_without_a_compiler_the_plugins_run_their_torch_code(monkeypatch, tmp_path) -> None:
+    def no_compiler(path):
+        raise RuntimeError("no C compiler (cc, gcc or $CC) found")
+
+    monkeypatch.setenv("MODULORA_CACHE", str(tmp_path))  # nothing built there yet
+    monkeypatch.setattr(native, "_build", no_compiler)
+    native._load.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="CPU kernels are unavailable"):
+            assert native.lib() is None
+        q, packed = _packed("rtn-4bit")
+        assert q.matmul_small(torch.randn(1, 256), packed).shape == (1, 96)  # the torch GEMV
+        assert not kernels.decodes_on(torch.device("cpu"))  # decode steps materialize again
+    finally:
+        native._load.cache_clear()  # the next caller loads the real build
