@@ -13,6 +13,8 @@ reference row. Raw rows go to ``docs/data/<section>.json`` for ``benchmarks/plot
     python -m benchmarks.bench_quipsharp            # 128 x 256 calibration tokens, 64 x 256 test tokens
     python -m benchmarks.bench_quipsharp --quick    # 32 x 256 and 32 x 256; the 4096 layer with 256 tokens
     python -m benchmarks.bench_quipsharp --quick --n-cal 64   # quick, with 64 calibration windows
+    python -m benchmarks.bench_quipsharp --quick --presets 'quip#-2bit,quip#-4bit' --ft 0,16
+        # each quip# preset without and with QuIP#'s fine-tuning stage (16 Adam steps per block), side by side
 """
 
 from __future__ import annotations
@@ -72,10 +74,13 @@ def load_dense(path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
-def quantized_ppl(path, preset: str, calib: torch.Tensor, test: torch.Tensor) -> tuple[float, float, float, float]:
+def quantized_ppl(path, preset, calib: torch.Tensor, test: torch.Tensor,
+                  tuning: list[float] | None = None) -> tuple[float, float, float, float]:
     """(perplexity, seconds of modulora.load, seconds inside the quantizer, storage bits per weight) of
-    SmolLM2 quantized with ``preset``."""
+    SmolLM2 quantized with ``preset`` (a name or config); the seconds of QuIP#'s fine-tuning stage, if it
+    runs, are added to ``tuning[0]``."""
     from modulora_core.calibration_data import Calibration
+    from modulora_plugin_quipsharp import finetune
 
     bq = modulora.get_preset(preset)
     needs = bq.capabilities().needs_calibration
@@ -89,13 +94,24 @@ def quantized_ppl(path, preset: str, calib: torch.Tensor, test: torch.Tensor) ->
         inside[0] += time.perf_counter() - t
         return out
 
+    tune = finetune.tune_block
+
+    def timed_tune(*args, **kwargs):  # QuIP#'s fine-tuning stage, block by block
+        t = time.perf_counter()
+        out = tune(*args, **kwargs)
+        if tuning is not None:
+            tuning[0] += time.perf_counter() - t
+        return out
+
     q.quantize_weight = timed  # an instance attribute shadows the method for this load only
+    finetune.tune_block = timed_tune
     t0 = time.perf_counter()
     try:
-        model = modulora.load(model, preset, lora=None,  # the quantized base alone, no adapter
+        model = modulora.load(model, bq.config, lora=None,  # the quantized base alone, no adapter
                               calibration=Calibration(calib, progress=False) if needs else None)
     finally:
         del q.quantize_weight
+        finetune.tune_block = tune
     seconds = time.perf_counter() - t0
     return perplexity(model, test), seconds, inside[0], bits_per_weight(model)
 
@@ -175,6 +191,13 @@ def layer_step_ms(shape: tuple[int, int], tokens: int, reps: int, preset_config)
     return {k: 1e3 * statistics.median(v[1:]) for k, v in times.items()}
 
 
+def variants(presets: list[str], ft: str | None) -> list[tuple[str, int | None]]:
+    """``(preset, ft_steps)`` to measure: each quip# preset at every ``ft`` value (comma-separated), the
+    others once (``None``: the preset as it is)."""
+    steps = [int(s) for s in ft.split(",")] if ft else []
+    return [(p, s) for p in presets for s in (steps if steps and family(p) == "quip#" else [None])]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
@@ -182,6 +205,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--n-cal", type=int, default=None, help="calibration windows of 256 tokens (default: 128, "
                     "--quick 32)")
+    ap.add_argument("--ft", default=None, help="comma-separated ft_steps of QuIP#'s fine-tuning stage to "
+                    "measure each quip# preset at, side by side (e.g. 0,16; default: each preset's own)")
     ap.add_argument("--no-write", action="store_true", help="print only; do not update docs/benchmarks.md")
     a = ap.parse_args()
     if a.threads:
@@ -202,11 +227,12 @@ def main() -> None:
     rows, missing = [], []
     t0 = time.perf_counter()
     base = perplexity(load_dense(path), test)
-    rows.append(f"| dense baseline (Q4_1 GGUF dequantized) | 32 | {base:.2f} | - | - | - |")
+    rows.append(f"| unquantized baseline (Q4_1 GGUF dequantized) | 32 | {base:.2f} | - | - | - | - |")
     data = [{"name": "unquantized", "family": "unquantized", "bits_per_weight": 32.0, "perplexity": base,
              "calibration_tokens": calib.numel()}]
     print(f"unquantized: ppl {base:.2f} ({time.perf_counter() - t0:.0f}s)")
-    for p in a.presets.split(","):
+    for p, ft in variants(a.presets.split(","), a.ft):
+        name, tuned = p if ft is None else f"{p} ft{ft}", [0.0]
         if p == BNB:
             if importlib.util.find_spec("bitsandbytes") is None:
                 missing.append(p)
@@ -218,11 +244,15 @@ def main() -> None:
             print(f"skip {p}: not installed")
             continue
         else:
-            ppl, secs, inside, bits = quantized_ppl(path, p, calib, test)
-        data.append({"name": p, "family": family(p), "bits_per_weight": bits, "perplexity": ppl, "load_s": secs,
-                     "quantizer_s": inside, "calibration_tokens": calib.numel()})
-        rows.append(f"| {p} | {bits:.3f} | {ppl:.2f} | {ppl / base - 1:+.1%} | {secs:.0f} | "
-                    f"{'-' if inside is None else f'{inside:.0f}'} |")
+            cfg = modulora.get_preset(p).config
+            if ft is not None:
+                cfg = cfg.model_copy(update={"ft_steps": ft})
+            ppl, secs, inside, bits = quantized_ppl(path, cfg, calib, test, tuned)
+        data.append({"name": name, "family": family(p), "bits_per_weight": bits, "perplexity": ppl,
+                     "load_s": secs, "quantizer_s": inside, "ft_steps": ft, "tune_s": tuned[0],
+                     "calibration_tokens": calib.numel()})
+        rows.append(f"| {name} | {bits:.3f} | {ppl:.2f} | {ppl / base - 1:+.1%} | {secs:.0f} | "
+                    f"{'-' if inside is None else f'{inside:.0f}'} | {tuned[0]:.0f} |")
         print(rows[-1])
     from modulora_plugin_quipsharp import QuipSharpConfig
 
@@ -243,9 +273,11 @@ def main() -> None:
         f"quantizer (all 210 layers); {torch.get_num_threads()} torch thread(s) on a shared machine. "
         "Bits/weight: all packed tensors of the quantized linears. bitsandbytes-nf4: transformers' "
         "`BitsAndBytesConfig` (nf4, double quantization, float32 compute), its load s is the whole "
-        "`from_pretrained`.\n\n"
-        "| quantizer | bits / weight | perplexity | vs dense baseline | load s | quantizer s |\n"
-        "|---|---|---|---|---|---|\n"
+        "`from_pretrained`. `ftN`: QuIP#'s fine-tuning stage with N Adam steps per decoder block (sign vectors as "
+        "reals and the block's norms, against the unquantized block's outputs on the calibration tokens); tune s: "
+        "its share of the load s.\n\n"
+        "| quantizer | bits / weight | perplexity | vs unquantized baseline | load s | quantizer s | tune s |\n"
+        "|---|---|---|---|---|---|---|\n"
         + "\n".join(rows) + "\n"
         + (f"\nNot installed, so not measured: {', '.join(missing)}.\n" if missing else "")
         + "\nForward+backward of PEFT's LoRA (r=8, float32) over one QuantizedLinear, median ms: the fast path (Hadamard "
@@ -261,9 +293,12 @@ def main() -> None:
 
         flags = (" --quick" if a.quick else "") + (f" --n-cal {a.n_cal}" if a.n_cal else "")
         flags += f" --threads {a.threads}" if a.threads else ""
+        flags += f" --ft {a.ft}" if a.ft else ""
         if a.presets != ",".join(PRESETS):
             flags += f" --presets '{a.presets}'"
         name = "quipsharp" + flags.split(" --threads")[0].split(" --presets")[0].replace(" --", "-").replace(" ", "")
+        if a.ft:
+            name += "-ft" + a.ft.replace(",", "-")
         if a.presets != ",".join(PRESETS):  # a partial run gets its own section, never replacing a full one
             name += "-" + "-".join(x.replace("#", "sharp") for x in a.presets.split(","))
         command = "python -m benchmarks.bench_quipsharp" + flags

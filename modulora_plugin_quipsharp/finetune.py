@@ -61,13 +61,20 @@ class TunableLayer(nn.Module):
 
 
 def _relative_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``||out - target||^2 / ||target||^2`` in float32 (a scalar)."""
+    """Mean over tokens of ``||out_t - target_t||^2 / ||target_t||^2``, ``[..., d]`` -> a float32 scalar.
+
+    Per token, because the next block's RMSNorm divides each token by its own RMS: an error on a token with
+    massive activations (the first token of a sequence, in SmolLM2 from its 12th block on) reaches it scaled
+    down, and a plain squared error would be dominated by those tokens (measured on SmolLM2 quip#-2bit with
+    16 steps: perplexity 35.3 with this loss, 36.6 with the squared error relative to the whole target's).
+    """
     diff = out.to(torch.float32) - target.to(torch.float32)
-    return diff.square().sum() / target.to(torch.float32).square().sum().clamp_min(1e-30)
+    energy = target.to(torch.float32).square().sum(-1).clamp_min(1e-30)
+    return (diff.square().sum(-1) / energy).mean()
 
 
 def block_error(run: Callable[[int], torch.Tensor], targets: list[torch.Tensor]) -> float:
-    """Mean over the calibration batches of the block's relative squared output error."""
+    """Mean over the calibration batches of the block's per-token relative squared output error."""
     with torch.no_grad():
         return sum(float(_relative_error(run(j), t)) for j, t in enumerate(targets)) / max(1, len(targets))
 

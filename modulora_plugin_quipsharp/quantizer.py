@@ -69,13 +69,15 @@ class QuipSharpConfig(QuantizerConfig):
     ft_steps: int = Field(0, ge=0, description="Adam steps per decoder block tuning the sign vectors (as reals, "
                           "stored float16) and the block's norms against the unquantized block's outputs on the "
                           "calibration tokens; 0: no fine-tuning stage (signs stored as bits)")
-    ft_lr: float = Field(1e-3, gt=0, le=1, description="Adam learning rate of the fine-tuning stage")
+    ft_lr: float = Field(3e-3, gt=0, le=1, description="Adam learning rate of the fine-tuning stage")
     ft_norms: bool = Field(True, description="the fine-tuning stage also tunes the block's vector parameters "
                            "(norm weights, biases), which the checkpoint stores dense")
 
 
+FT_STEPS = 16  # the -ft presets' Adam steps per block (docs/benchmarks.md, quipsharp-quick-ft*)
 PRESETS: dict[str, QuipSharpConfig] = {
-    f"{name}-{b}bit": QuipSharpConfig(bits=b) for name in ("quip#", "quipsharp") for b in (2, 3, 4)
+    f"{name}-{b}bit{ft}": QuipSharpConfig(bits=b, ft_steps=FT_STEPS if ft else 0)
+    for name in ("quip#", "quipsharp") for b in (2, 3, 4) for ft in ("", "-ft")
 }
 
 

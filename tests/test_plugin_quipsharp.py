@@ -49,6 +49,9 @@ def test_presets():
         for name in (f"quip#-{bits}bit", f"quipsharp-{bits}bit"):
             assert name in names and PRESETS[name].bits == bits
             assert modulora.get_preset(name).capabilities().needs_calibration
+            # the same with QuIP#'s fine-tuning stage
+            assert name + "-ft" in names and PRESETS[name + "-ft"].ft_steps > 0
+            assert PRESETS[name + "-ft"].model_copy(update={"ft_steps": 0}) == PRESETS[name]
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
