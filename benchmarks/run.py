@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 # Report order: quality, finetuning, merging, memory, speed. A name is ``benchmarks.bench_<name>``.
-BENCHMARKS = ("quantizers", "optq", "optq_solver", "quipsharp", "finetune", "merge", "memory", "layer")
+BENCHMARKS = ("quantizers", "optq", "optq_solver", "optq_ladder", "optq_presets", "quipsharp", "finetune", "merge", "memory", "layer")
 # The quick report: each script's --quick mode, cut to the configurations that answer the headline
 # questions (4-bit OPTQ against GPTQModel; 2-bit QuIP# against 3-bit OPTQ and NF4; 2-bit finetuning
 # against dense LoRA and NF4), to finish in about 20 minutes on 2 cores
@@ -32,6 +32,8 @@ QUICK_ARGS: dict[str, list[str]] = {
     "quantizers": ["--quick"],
     "optq": ["--quick", "--bits", "4", "--act-order", "off"],
     "optq_solver": ["--blocks", "0", "--bits", "4"],
+    "optq_ladder": ["--quick", "--ladder-bits"],  # ours at our defaults and GPTQModel at its defaults, 3 and 4 bits
+    "optq_presets": ["--quick", "--bits", "3", "--groups", "128", "--sym", "sym"],
     "quipsharp": ["--quick", "--presets", "quip#-2bit,optq-3bit,nf4"],
     "finetune": ["--quick", "--configs", "dense,quip#-2bit,nf4"],
     "merge": ["--quick"],
