@@ -429,7 +429,8 @@ static void dense_t(float *x, int64_t p, int64_t kk, int64_t inner, const float 
 int quip2_materialize(const int16_t *codes, const float *book, int64_t m, int64_t n, int64_t p_in, int64_t k_in,
                       const float *f_in, int64_t p_out, int64_t k_out, const float *f_out, const double *rowf,
                       const double *colf, float *w, int nt) {
-    int fail = 0;
+    int fail = 0, signs_only = 1; /* colf all +-1 (untuned signs): its product is exact in float32 */
+    for (int64_t i = 0; i < n; i++) signs_only &= colf[i] == 1.0 || colf[i] == -1.0;
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         float *tmp = (float *)malloc(sizeof(float) * (size_t)(k_in > 1 ? k_in : 1));
@@ -459,8 +460,14 @@ int quip2_materialize(const int16_t *codes, const float *book, int64_t m, int64_
                     float *dst = w + o * n + c0;
                     const float *src = buf + o * cw;
                     double rf = rowf[o];
+                    float r32 = (float)rf;
+                    if (signs_only && (double)r32 == rf) { /* y * rf rounds once in float32 too: same floats */
 #pragma omp simd
-                    for (int64_t t = 0; t < cw; t++) dst[t] = (float)(((double)src[t] * rf) * colf[c0 + t]);
+                        for (int64_t t = 0; t < cw; t++) dst[t] = src[t] * r32 * (float)colf[c0 + t];
+                    } else {
+#pragma omp simd
+                        for (int64_t t = 0; t < cw; t++) dst[t] = (float)(((double)src[t] * rf) * colf[c0 + t]);
+                    }
                 }
             }
         }
