@@ -72,17 +72,24 @@ def main() -> None:
                              "quantize_s": sec, "config": cfg.model_dump(mode="json")})
                 print(f"{bits}-bit {'sym' if sym else 'asym'} g{group}: bpw {rows[-1]['bits_per_weight']:.3f} "
                       f"ppl {rows[-1]['perplexity']:.3f} ({sec:.0f} s)", flush=True)
-    body = report(a, rows, ppl_dense, calib)
-    print(body)
-    if not a.no_write:
-        from benchmarks.report import write_data, write_section
+                if not a.no_write:  # after every row: an interrupted run still leaves what it measured
+                    write(a, ap, rows, ppl_dense, calib, done=len(rows) == len(a.bits) * len(syms) * len(a.groups))
+    print(report(a, rows, ppl_dense, calib))
 
-        flags = changed_flags(a, ap, ("n_samples", "seq_len", "eval_tokens", "bits", "groups", "sym", "batch_size"))
-        name = "optq-presets" + flags.replace(" --", "-").replace(" ", "")
-        command = "python -m benchmarks.bench_optq_presets" + flags
-        write_section(name, "OPTQ presets: held-out perplexity against bits per weight", command, body)
-        write_data(name, command, [{"family": "unquantized", "bits_per_weight": 32.0, "perplexity": ppl_dense},
-                                   *rows])
+
+def write(a: argparse.Namespace, ap: argparse.ArgumentParser, rows: list[dict], ppl_dense: float,
+          calib: torch.Tensor, done: bool) -> None:
+    """Write the section and its raw rows (marked as partial until every configuration is in)."""
+    from benchmarks.report import write_data, write_section
+
+    flags = changed_flags(a, ap, ("n_samples", "seq_len", "eval_tokens", "bits", "groups", "sym", "batch_size"))
+    name = "optq-presets" + flags.replace(" --", "-").replace(" ", "")
+    command = "python -m benchmarks.bench_optq_presets" + flags
+    body = report(a, rows, ppl_dense, calib)
+    if not done:
+        body += "\n(The run was still going or was stopped: the rows above are the configurations measured so far.)\n"
+    write_section(name, "OPTQ presets: held-out perplexity against bits per weight", command, body)
+    write_data(name, command, [{"family": "unquantized", "bits_per_weight": 32.0, "perplexity": ppl_dense}, *rows])
 
 
 def report(a: argparse.Namespace, rows: list[dict], ppl_dense: float, calib: torch.Tensor) -> str:
