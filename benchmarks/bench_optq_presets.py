@@ -16,6 +16,7 @@ the table marks those (the Pareto front), and the presets are picked from it.
 from __future__ import annotations
 
 import argparse
+import re
 import time
 
 import torch
@@ -46,6 +47,8 @@ def main() -> None:
     ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
     ap.add_argument("--groups", type=int, nargs="+", default=[32, 64, 128])
     ap.add_argument("--sym", choices=["both", "sym", "asym"], default="both")
+    ap.add_argument("--configs", nargs="+", default=None, metavar="BITS{sym,asym}GROUP",
+                    help="exactly these configurations, in this order, instead of the grid (e.g. 3asym64)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--no-write", action="store_true", help="print only; do not update docs/benchmarks.md")
@@ -58,23 +61,31 @@ def main() -> None:
     ppl_dense = perplexity(dense_model(d), eval_win)
     print(f"dense: ppl {ppl_dense:.3f}", flush=True)
     syms = {"both": (True, False), "sym": (True,), "asym": (False,)}[a.sym]
+    grid = [(b, s, g) for b in a.bits for s in syms for g in a.groups] if a.configs is None else [
+        _parse(c) for c in a.configs]
     rows: list[dict] = []
-    for bits in a.bits:
-        for sym in syms:
-            for group in a.groups:
-                cfg = OPTQConfig(bits=bits, group_size=group, sym=sym)
-                t0 = time.perf_counter()
-                q = modulora.load(dense_model(d), cfg, lora=None,
-                                  calibration=Calibration(calib, batch_size=a.batch_size, progress=False))
-                sec = time.perf_counter() - t0
-                rows.append({"name": preset_name(cfg), "bits": bits, "sym": sym, "group_size": group,
-                             "bits_per_weight": bits_per_weight(q), "perplexity": perplexity(q, eval_win),
-                             "quantize_s": sec, "config": cfg.model_dump(mode="json")})
-                print(f"{bits}-bit {'sym' if sym else 'asym'} g{group}: bpw {rows[-1]['bits_per_weight']:.3f} "
-                      f"ppl {rows[-1]['perplexity']:.3f} ({sec:.0f} s)", flush=True)
-                if not a.no_write:  # after every row: an interrupted run still leaves what it measured
-                    write(a, ap, rows, ppl_dense, calib, done=len(rows) == len(a.bits) * len(syms) * len(a.groups))
+    for bits, sym, group in grid:
+        cfg = OPTQConfig(bits=bits, group_size=group, sym=sym)
+        t0 = time.perf_counter()
+        q = modulora.load(dense_model(d), cfg, lora=None,
+                          calibration=Calibration(calib, batch_size=a.batch_size, progress=False))
+        sec = time.perf_counter() - t0
+        rows.append({"name": preset_name(cfg), "bits": bits, "sym": sym, "group_size": group,
+                     "bits_per_weight": bits_per_weight(q), "perplexity": perplexity(q, eval_win),
+                     "quantize_s": sec, "config": cfg.model_dump(mode="json")})
+        print(f"{bits}-bit {'sym' if sym else 'asym'} g{group}: bpw {rows[-1]['bits_per_weight']:.3f} "
+              f"ppl {rows[-1]['perplexity']:.3f} ({sec:.0f} s)", flush=True)
+        if not a.no_write:  # after every row: an interrupted run still leaves what it measured
+            write(a, ap, rows, ppl_dense, calib, done=len(rows) == len(grid))
     print(report(a, rows, ppl_dense, calib))
+
+
+def _parse(text: str) -> tuple[int, bool, int]:
+    """``"3asym64"`` -> ``(3, False, 64)``: bits, symmetric, group size."""
+    m = re.fullmatch(r"(\d+)(sym|asym)(\d+)", text)
+    if m is None:
+        raise SystemExit(f"--configs takes BITS, sym or asym, GROUP run together (3asym64), not {text!r}")
+    return int(m[1]), m[2] == "sym", int(m[3])
 
 
 def write(a: argparse.Namespace, ap: argparse.ArgumentParser, rows: list[dict], ppl_dense: float,
@@ -82,7 +93,8 @@ def write(a: argparse.Namespace, ap: argparse.ArgumentParser, rows: list[dict], 
     """Write the section and its raw rows (marked as partial until every configuration is in)."""
     from benchmarks.report import write_data, write_section
 
-    flags = changed_flags(a, ap, ("n_samples", "seq_len", "eval_tokens", "bits", "groups", "sym", "batch_size"))
+    keys = ("bits", "groups", "sym") if a.configs is None else ("configs",)
+    flags = changed_flags(a, ap, ("n_samples", "seq_len", "eval_tokens", *keys, "batch_size"))
     name = "optq-presets" + flags.replace(" --", "-").replace(" ", "")
     command = "python -m benchmarks.bench_optq_presets" + flags
     body = report(a, rows, ppl_dense, calib)
