@@ -181,7 +181,8 @@ def run_kernels(a: argparse.Namespace) -> None:
         from benchmarks.report import write_data, write_section
 
         cmd = ("python -m benchmarks.bench_layer --kernels" + (f" --dim {a.dim}" if a.dim != 4096 else "")
-               + (" --no-compile" if a.no_compile else "") + (f" --lm-reps {a.lm_reps}" if a.lm_reps != 3 else ""))
+               + (" --no-compile" if a.no_compile else "") + (f" --lm-reps {a.lm_reps}" if a.lm_reps != 3 else "")
+               + (f" --new-tokens {a.new_tokens}" if a.new_tokens != 32 else ""))
         write_data("kernels", cmd, {"layer": rows, "smollm2": lm})
         write_section("kernels", "Kernels: materialize and the one-token decode step (torch, compiled, native)",
                       cmd, body)
