@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .kernels import SMALL_BATCH, decodes_on
+from .kernels import SMALL_BATCH
+from .native import decodes_on
 from .quantizer import PackedWeight, Quantizer
 
 

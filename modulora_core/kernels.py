@@ -36,17 +36,6 @@ def compiles_on(device: torch.device) -> bool:
     return mode == "1" or (mode == "auto" and device.type == "cuda")
 
 
-def decodes_on(device: torch.device) -> bool:
-    """Whether a decode step on ``device`` takes the plugin's ``matmul_small``: where kernels compile, and on a
-    CPU with the C kernels (:mod:`modulora_core.native`). Elsewhere its eager torch form takes more passes over
-    the codes than materialize + one GEMV, so the caller materializes."""
-    if compiles_on(device):
-        return True
-    from . import native  # lazy: native imports this module
-
-    return device.type == "cpu" and native.available()
-
-
 class Kernel:
     """A pure tensor function, called compiled where :func:`compile_mode` says so, else eagerly."""
 

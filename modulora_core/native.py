@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .kernels import compile_mode
+from .kernels import compile_mode, compiles_on
 
 SOURCE = Path(__file__).with_name("native_kernels.c")
 ENV = "MODULORA_NATIVE"
@@ -145,3 +145,12 @@ _madvise = _libc_madvise()
 def threads() -> int:
     """OpenMP threads for a kernel call: torch's intra-op thread count."""
     return torch.get_num_threads()
+
+
+def decodes_on(device: torch.device) -> bool:
+    """Whether a decode step on ``device`` takes the plugin's ``matmul_small``: where kernels compile, and on a
+    CPU with the C kernels (this module). Elsewhere its eager torch form takes more passes over
+    the codes than materialize + one GEMV, so the caller materializes."""
+    if compiles_on(device):
+        return True
+    return device.type == "cpu" and available()
