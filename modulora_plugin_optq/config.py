@@ -49,8 +49,9 @@ class OPTQConfig(QuantizerConfig):
 
 # Chosen by held-out perplexity against bits per weight (benchmarks/bench_optq_presets.py, docs/benchmarks.md):
 # GPTQ v1 stores a zero point per group either way, so asymmetric grids cost no storage and measured better
-# (3 bits, group 64: 24.8 against 27.0; 4 bits: see the section); 3 bits pays 0.14 bit per weight for groups of
-# 64 (27.0 against 29.7, symmetric). 2 bits keeps group 128 (not measured here), so its storage is unchanged.
+# (3 bits, group 64: 24.8 against 27.0; 4 bits, group 128: 20.4 against 21.2); 3 bits pays 0.14 bit per
+# weight for groups of 64 (27.0 against 29.7, symmetric). 2 bits keeps group 128 (not measured with these
+# defaults), so its storage is unchanged.
 PRESETS: dict[str, OPTQConfig] = {
     "optq-2bit": OPTQConfig(bits=2, sym=False),
     "optq-3bit": OPTQConfig(bits=3, sym=False, group_size=64),
