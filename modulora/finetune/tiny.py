@@ -51,8 +51,9 @@ def run_modulora(*args: object, check: bool = True, timeout: float = 600) -> sub
 def interrupt_modulora(*args: object, when: str, timeout: float = 300) -> tuple[int, str]:
     """Run ``python -m modulora ARGS``, press Ctrl-C (SIGINT) as soon as a line of its output contains
     ``when``, and return its exit status and the output after that line."""
+    # unbuffered: a block-buffered stdout would hand over the ``when`` line only at exit, after the run is over
     proc = subprocess.Popen([sys.executable, "-m", "modulora", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=_quiet_env())
+                            stderr=subprocess.STDOUT, text=True, env={**_quiet_env(), "PYTHONUNBUFFERED": "1"})
     try:
         for line in proc.stdout or ():
             if when in line:
