@@ -62,6 +62,19 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch: int = 4) ->
     return math.exp(nll / count)
 
 
+def dense_setup(a: argparse.Namespace) -> tuple[Path, torch.Tensor, torch.Tensor, float]:
+    """The runs' common inputs from the parsed options (``--quick`` shrinks them, ``--threads`` applies): the model
+    directory, calibration tokens ``[n, t]``, held-out windows ``[m, 512]`` and the dense model's perplexity."""
+    if a.quick:
+        a.n_samples, a.seq_len, a.eval_tokens = 32, 256, 8192
+    torch.set_num_threads(a.threads)
+    d = smollm2_dir()
+    calib, eval_win = token_sets(d, a.n_samples, a.seq_len, a.eval_tokens)
+    ppl_dense = perplexity(dense_model(d), eval_win)
+    print(f"dense: ppl {ppl_dense:.3f}", flush=True)
+    return d, calib, eval_win, ppl_dense
+
+
 def token_sets(d: Path, n_samples: int, seq_len: int, eval_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(calibration tokens ``[n_samples, seq_len]`` of the train split, held-out windows ``[n, 512]``)."""
     from transformers import AutoTokenizer

@@ -16,8 +16,12 @@ import argparse
 
 import torch
 
-from benchmarks.bench_optq import changed_flags, dense_model, perplexity, run_gptqmodel, run_ours, token_sets
-from modulora.finetune.pretrained import smollm2_dir
+from benchmarks.bench_optq import (
+    changed_flags,
+    dense_setup,
+    run_gptqmodel,
+    run_ours,
+)
 from modulora_plugin_optq import OPTQConfig
 from modulora_plugin_optq.gptqmodel_ref import gptqmodel_version
 
@@ -43,13 +47,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--no-write", action="store_true", help="print only; do not update docs/benchmarks.md")
     a = ap.parse_args()
-    if a.quick:
-        a.n_samples, a.seq_len, a.eval_tokens = 32, 256, 8192
-    torch.set_num_threads(a.threads)
-    d = smollm2_dir()
-    calib, eval_win = token_sets(d, a.n_samples, a.seq_len, a.eval_tokens)
-    ppl_dense = perplexity(dense_model(d), eval_win)
-    print(f"dense: ppl {ppl_dense:.3f}", flush=True)
+    d, calib, eval_win, ppl_dense = dense_setup(a)
     rows: list[dict] = []
     for bits in a.bits:
         for label, kw in LADDER if bits in a.ladder_bits else LADDER[-1:]:

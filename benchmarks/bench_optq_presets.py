@@ -22,9 +22,8 @@ import time
 import torch
 
 import modulora
-from benchmarks.bench_optq import changed_flags, dense_model, perplexity, token_sets
+from benchmarks.bench_optq import changed_flags, dense_model, dense_setup, perplexity
 from benchmarks.bench_quipsharp import bits_per_weight
-from modulora.finetune.pretrained import smollm2_dir
 from modulora_core.calibration_data import Calibration
 from modulora_plugin_optq import OPTQConfig
 from modulora_plugin_optq.config import PRESETS, preset_name
@@ -53,13 +52,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--no-write", action="store_true", help="print only; do not update docs/benchmarks.md")
     a = ap.parse_args()
-    if a.quick:
-        a.n_samples, a.seq_len, a.eval_tokens = 32, 256, 8192
-    torch.set_num_threads(a.threads)
-    d = smollm2_dir()
-    calib, eval_win = token_sets(d, a.n_samples, a.seq_len, a.eval_tokens)
-    ppl_dense = perplexity(dense_model(d), eval_win)
-    print(f"dense: ppl {ppl_dense:.3f}", flush=True)
+    d, calib, eval_win, ppl_dense = dense_setup(a)
     syms = {"both": (True, False), "sym": (True,), "asym": (False,)}[a.sym]
     grid = [(b, s, g) for b in a.bits for s in syms for g in a.groups] if a.configs is None else [
         _parse(c) for c in a.configs]
