@@ -48,11 +48,17 @@ def run_modulora(*args: object, check: bool = True, timeout: float = 600) -> sub
     return p
 
 
+_WITH_CTRL_C = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                "runpy.run_module('modulora', run_name='__main__', alter_sys=True)")
+
+
 def interrupt_modulora(*args: object, when: str, timeout: float = 300) -> tuple[int, str]:
     """Run ``python -m modulora ARGS``, press Ctrl-C (SIGINT) as soon as a line of its output contains
     ``when``, and return its exit status and the output after that line."""
-    # unbuffered: a block-buffered stdout would hand over the ``when`` line only at exit, after the run is over
-    proc = subprocess.Popen([sys.executable, "-m", "modulora", *map(str, args)], stdout=subprocess.PIPE,
+    # unbuffered: a block-buffered stdout would hand over the ``when`` line only at exit, after the run is over.
+    # SIGINT as a terminal gives it: a shell without job control starts background commands (``cmd &``, a CI
+    # runner's) with SIGINT ignored, the child inherits that, and Python then never raises KeyboardInterrupt
+    proc = subprocess.Popen([sys.executable, "-c", _WITH_CTRL_C, *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env={**_quiet_env(), "PYTHONUNBUFFERED": "1"})
     try:
         for line in proc.stdout or ():
