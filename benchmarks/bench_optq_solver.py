@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import statistics
+import sys
 
 import torch
 
@@ -109,7 +111,7 @@ def main() -> None:
 
         os.cpu_count = real_cpu_count  # the section's machine line reports the real count
 
-        command = "python -m benchmarks.bench_optq_solver"
+        command = " ".join(["python -m benchmarks.bench_optq_solver", *map(shlex.quote, sys.argv[1:])])
         write_section("optq-solver", "OPTQ solver alone vs GPTQModel's, same weights and Hessians", command, body)
         write_data("optq-solver", command, data)
 

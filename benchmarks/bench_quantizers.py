@@ -144,11 +144,16 @@ def main() -> None:
     )
     print(body)
     if not a.no_write:
-        from benchmarks.report import write_section
+        from benchmarks.report import write_data, write_section
 
-        write_section("quantizers" + ("-quick" if a.quick else ""),
-                      "Calibration-free quantizers on SmolLM2-135M: error, storage, materialize speed",
-                      "python -m benchmarks.bench_quantizers" + (" --quick" if a.quick else ""), body)
+        name, command = ("quantizers" + ("-quick" if a.quick else ""),
+                         "python -m benchmarks.bench_quantizers" + (" --quick" if a.quick else ""))
+        write_data(name, command, {
+            "layers": len(layers), "weights": total, "copy_ceiling_gbps": tput["torch.clone (ceiling)"],
+            "quantizers": [{"name": k, "relative_error": err_num[k], "bits_per_weight": bits[k],
+                            "quantize_s": qtime[k], "materialize_gbps": tput.get(k)} for k in err_num]})
+        write_section(name, "Calibration-free quantizers on SmolLM2-135M: error, storage, materialize speed",
+                      command, body)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,17 @@
-"""Regenerate the benchmark report: run every benchmark script, one after the other, each in its own process.
+"""Regenerate the benchmark report: run every benchmark command, one after the other, each in its own process.
 
-    python -m benchmarks.run                 # the full report, docs/benchmarks.md (hours on a 2-core machine)
+    python -m benchmarks.run                 # every section of docs/benchmarks.md (many hours on a 2-core machine)
     python -m benchmarks.run --quick         # a smaller report in about 20 minutes: docs/benchmarks-quick.md
     python -m benchmarks.run --only memory,layer
+    python -m benchmarks.run --list          # the commands, without running them
 
-Each script writes its own sections of the report (``benchmarks.report.write_section``, with the machine,
-versions, command and date) and its raw results (``<report dir>/data/<section>.json``); a script that fails
-is reported at the end and the others still run. Last, ``benchmarks.plots`` draws the figures from whatever
-data exists.
+:data:`JOBS` is the list of commands that write docs/benchmarks.md, one per section (or group of sections):
+``tests/test_bench_run.py`` checks that every section of the page names one of them, so a section cannot go
+stale without a command that regenerates it. Each script writes its own sections
+(``benchmarks.report.write_section``, with the machine, versions, command and date) and its raw results
+(``<report dir>/data/<section>.json``); a script that fails is reported at the end and the others still run.
 
-``--quick`` runs every script's ``--quick`` mode on a subset of its configurations (``QUICK_ARGS``) and
+``--quick`` runs :data:`QUICK_JOBS`, every script's ``--quick`` mode on a subset of its configurations, and
 writes to a page of its own (``--report``), so that a quick run never overwrites the full tables.
 """
 
@@ -23,54 +25,91 @@ import sys
 import time
 from pathlib import Path
 
-# Report order: quality, finetuning, merging, memory, speed. A name is ``benchmarks.bench_<name>``.
-BENCHMARKS = ("quantizers", "optq", "optq_solver", "optq_ladder", "optq_presets", "quipsharp", "finetune", "merge", "memory", "layer")
-# The quick report: each script's --quick mode, cut to the configurations that answer the headline
-# questions (4-bit OPTQ against GPTQModel; 2-bit QuIP# against 3-bit OPTQ and NF4; 2-bit finetuning
-# against dense LoRA and NF4), to finish in about 20 minutes on 2 cores
-QUICK_ARGS: dict[str, list[str]] = {
-    "quantizers": ["--quick"],
-    "optq": ["--quick", "--bits", "4", "--act-order", "off"],
-    "optq_solver": ["--blocks", "0", "--bits", "4"],
-    "optq_ladder": ["--quick", "--ladder-bits"],  # ours at our defaults and GPTQModel at its defaults, 3 and 4 bits
-    "optq_presets": ["--quick", "--bits", "3", "--groups", "128", "--sym", "sym"],
-    "quipsharp": ["--quick", "--presets", "quip#-2bit,optq-3bit,nf4"],
-    "finetune": ["--quick", "--configs", "dense,quip#-2bit,nf4"],
-    "merge": ["--quick"],
-    "memory": ["--quick"],
-    "layer": ["--quick"],
-}
+# (name, module, args): the commands behind the sections of docs/benchmarks.md, in report order (quality,
+# finetuning, merging, memory, speed). Most are the scripts' --quick modes: the full sizes take hours each
+# on 2 cores, and the page says which size each figure is. A name may repeat (--only selects them all).
+JOBS: list[tuple[str, str, list[str]]] = [
+    ("quantizers", "bench_quantizers", []),
+    ("quipsharp", "bench_quipsharp", ["--quick", "--threads", "1"]),
+    ("quipsharp", "bench_quipsharp", ["--quick", "--threads", "1", "--ft", "0,16", "--presets", "quip#-2bit,quip#-4bit"]),
+    ("quipsharp", "bench_quipsharp", ["--quick", "--n-cal", "128", "--threads", "1", "--presets", "quip#-4bit"]),
+    ("optq_ladder", "bench_optq_ladder", ["--quick"]),
+    ("optq_presets", "bench_optq_presets", ["--quick", "--configs", "3asym64", "4asym128", "4asym64"]),
+    ("optq_solver", "bench_optq_solver", []),
+    ("finetune", "bench_finetune", ["--quick"]),
+    ("finetune", "bench_finetune", ["--quick", "--steps", "80", "--configs", "dense,quip#-4bit,nf4"]),
+    ("finetune", "bench_finetune", ["--quick", "--steps", "80", "--configs", "dense,quip#-2bit-ft+residual"]),
+    ("finetune", "bench_finetune", ["--lora-init", "--quick", "--configs",
+                                    "quip#-2bit+residual,quip#-2bit,nf4+residual,nf4"]),
+    ("merge", "bench_merge", ["--quick", "--threads", "1"]),
+    ("memory", "bench_memory", []),
+    ("memory", "bench_memory", ["--paper"]),
+    ("memory", "bench_memory", ["--scale"]),
+    ("memory", "bench_memory", ["--moe"]),
+    ("fsdp", "bench_fsdp", ["--model", "llama-0.5b", "--quantizers", "rtn-2bit,rtn-4bit", "--write"]),
+    ("layer", "bench_layer", []),
+    ("kernels", "bench_layer", ["--kernels", "--no-compile", "--lm-reps", "2", "--new-tokens", "16"]),
+    ("architectures", "bench_architectures", []),
+]
+# The quick report: cut to the configurations that answer the headline questions (4-bit OPTQ against
+# GPTQModel; 2-bit QuIP# against 3-bit OPTQ and NF4; 2-bit finetuning against dense LoRA and NF4), to finish
+# in about 20 minutes on 2 cores
+QUICK_JOBS: list[tuple[str, str, list[str]]] = [
+    ("quantizers", "bench_quantizers", ["--quick"]),
+    ("optq", "bench_optq", ["--quick", "--bits", "4", "--act-order", "off"]),
+    ("optq_solver", "bench_optq_solver", ["--blocks", "0", "--bits", "4"]),
+    ("quipsharp", "bench_quipsharp", ["--quick", "--presets", "quip#-2bit,optq-3bit,nf4"]),
+    ("finetune", "bench_finetune", ["--quick", "--configs", "dense,quip#-2bit,nf4"]),
+    ("merge", "bench_merge", ["--quick"]),
+    ("memory", "bench_memory", ["--quick"]),
+    ("memory", "bench_memory", ["--paper"]),
+    ("layer", "bench_layer", ["--quick"]),
+]
+BENCHMARKS = tuple(dict.fromkeys(name for name, _, _ in [*JOBS, *QUICK_JOBS]))
 QUICK_REPORT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks-quick.md"
+
+
+def command(module: str, args: list[str]) -> str:
+    """The shell form of a job, as the sections print it: ``python -m benchmarks.<module> <args>``."""
+    import shlex
+
+    return " ".join(["python", "-m", f"benchmarks.{module}", *map(shlex.quote, args)])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="every script's --quick mode on a subset (QUICK_ARGS)")
-    ap.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated subset of "
-                    + ",".join(BENCHMARKS))
+    ap.add_argument("--quick", action="store_true", help="every script's --quick mode on a subset (QUICK_JOBS)")
+    ap.add_argument("--only", default=None, help="comma-separated subset of " + ",".join(BENCHMARKS))
+    ap.add_argument("--list", action="store_true", help="print the commands and exit")
     ap.add_argument("--report", type=Path, default=None, help="the page to write (default: docs/benchmarks.md; "
                     "with --quick, docs/benchmarks-quick.md)")
     a = ap.parse_args()
-    names = [n.strip() for n in a.only.split(",") if n.strip()]
-    if unknown := [n for n in names if n not in BENCHMARKS]:
-        ap.error(f"unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)}")
+    jobs = QUICK_JOBS if a.quick else JOBS
+    if a.only is not None:
+        names = [n.strip() for n in a.only.split(",") if n.strip()]
+        if unknown := [n for n in names if n not in BENCHMARKS]:
+            ap.error(f"unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)}")
+        jobs = [j for j in jobs if j[0] in names]
+    jobs = [*jobs, ("plots", "plots", [])]  # the figures last, from every script's data
+    if a.list:
+        print("\n".join(command(m, args) for _, m, args in jobs))
+        return
     env = dict(os.environ)
     if report := a.report or (QUICK_REPORT if a.quick else None):
         env["MODULORA_BENCH_REPORT"] = str(report.resolve())  # benchmarks.report reads it in every child
     results: list[tuple[str, str, float]] = []
-    for name in [*names, "plots"]:  # the figures last, from every script's data
-        module = "benchmarks.plots" if name == "plots" else f"benchmarks.bench_{name}"
-        if importlib.util.find_spec(module) is None:
-            results.append((name, "missing", 0.0))
+    for _, module, args in jobs:
+        cmd = command(module, args)
+        if importlib.util.find_spec(f"benchmarks.{module}") is None:
+            results.append((cmd, "missing", 0.0))
             continue
-        cmd = [sys.executable, "-m", module] + (QUICK_ARGS.get(name, []) if a.quick else [])
-        print(f"== {' '.join(cmd[1:])}", flush=True)
+        print(f"== {cmd}", flush=True)
         t0 = time.perf_counter()
-        rc = subprocess.run(cmd, env=env).returncode  # its output goes straight to ours
-        results.append((name, "ok" if rc == 0 else f"failed (exit {rc})", time.perf_counter() - t0))
-    print(f"\nreport: {report or 'docs/benchmarks.md'}\n\n| benchmark | result | minutes |\n|---|---|---|")
-    for name, status, secs in results:
-        print(f"| {name} | {status} | {secs / 60:.1f} |")
+        rc = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *args], env=env).returncode
+        results.append((cmd, "ok" if rc == 0 else f"failed (exit {rc})", time.perf_counter() - t0))
+    print(f"\nreport: {report or 'docs/benchmarks.md'}\n\n| command | result | minutes |\n|---|---|---|")
+    for cmd, status, secs in results:
+        print(f"| `{cmd}` | {status} | {secs / 60:.1f} |")
     if any(status != "ok" for _, status, _ in results):
         sys.exit(1)
 
