@@ -24,7 +24,7 @@ from .hookspecs import hookimpl
 from .kernels import SMALL_BATCH, kernel
 from .peft_lora import QuantizedLoraLinear, register_with_peft
 from .qlinear import QuantizedLinear, iter_quantized_layers
-from .quantizer import BlockTune, Capabilities, PackedWeight, Quantizer, QuantizerConfig
+from .quantizer import BlockTune, Capabilities, ModelTune, PackedWeight, Quantizer, QuantizerConfig
 from .registry import Preset, available_presets, get_preset, list_plugins
 from .surgery import (
     QuantizeOptions,
@@ -37,7 +37,7 @@ _register_with_transformers()
 register_with_peft()
 
 __all__ = [
-    "AdapterError", "BlockTune", "Preset", "CalibrationError", "Capabilities", "CheckpointError",
+    "AdapterError", "BlockTune", "ModelTune", "Preset", "CalibrationError", "Capabilities", "CheckpointError",
     "InvalidWeightError", "ModuLoRAError", "PackedWeight", "PluginError", "Quantizer", "QuantizerConfig",
     "QuantizerConfigError", "TargetModulesError", "UnknownQuantizerError", "available_presets",
     "get_preset", "hookimpl", "list_plugins",

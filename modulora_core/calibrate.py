@@ -21,7 +21,7 @@ from torch import nn
 
 from .calibration_data import Calibration
 from .errors import CalibrationError
-from .quantizer import BlockTune
+from .quantizer import BlockTune, ModelTune
 
 QuantizeFn = Callable[[str, torch.Tensor], None]  # (module name, Hessian [in, in]) -> swaps the module
 
@@ -71,20 +71,46 @@ def capture_inputs(model: nn.Module, first_block: nn.Module, tokens: torch.Tenso
         batches.append(_Batch(hidden, tuple(args[1:]), dict(kwargs), by_name))
         raise _Stop
 
-    device = next(model.parameters()).device
     handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        for a in range(0, tokens.shape[0], batch_size):
-            ids = tokens[a:a + batch_size].to(device)  # (b, t)
-            try:
-                model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
-            except _Stop:
-                continue
-            raise CalibrationError(f"{type(model).__name__}'s forward never reached its first decoder block; "
-                                   "calibration needs a model that runs its blocks in order")
+        _run_until_stopped(model, tokens, batch_size, "its first decoder block; calibration needs a model that "
+                           "runs its blocks in order")
     finally:
         handle.remove()
     return batches
+
+
+def _run_until_stopped(model: nn.Module, tokens: torch.Tensor, batch_size: int, where: str) -> None:
+    """Run ``model`` on ``tokens`` ``[n, t]`` batch by batch; a hook must end each forward with ``_Stop``."""
+    device = next(model.parameters()).device
+    for a in range(0, tokens.shape[0], batch_size):
+        ids = tokens[a:a + batch_size].to(device)  # (b, t)
+        try:
+            model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+        except _Stop:
+            continue
+        raise CalibrationError(f"{type(model).__name__}'s forward never reached {where}")
+
+
+def capture_head_inputs(model: nn.Module, tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """What ``model`` feeds its output layer (``lm_head``) on ``tokens`` ``[n, t]``: ``[n, t, d]``, the
+    forward stopped there (the logits are not computed)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        raise CalibrationError(f"{type(model).__name__} has no output embeddings (lm_head), whose inputs "
+                               "end-to-end tuning compares; tune the decoder blocks alone instead")
+    out: list[torch.Tensor] = []
+
+    def grab(_mod: nn.Module, args: tuple) -> None:
+        out.append(args[0].detach())
+        raise _Stop
+
+    handle = head.register_forward_pre_hook(grab)
+    try:
+        _run_until_stopped(model, tokens, batch_size, "its output layer")
+    finally:
+        handle.remove()
+    return torch.cat(out)  # (n, t, d)
 
 
 def linear_stages(block: nn.Module, prefix: str, names: list[str], batch: _Batch,
@@ -206,12 +232,15 @@ def accumulate_hessians(block: nn.Module, prefix: str, names: list[str], batches
 
 
 def quantize_blockwise(model: nn.Module, names: list[str], tokens: torch.Tensor, quantize: QuantizeFn,
-                       cal: Calibration, desc: str = "calibrating", tune: BlockTune | None = None) -> None:
+                       cal: Calibration, desc: str = "calibrating", tune: BlockTune | None = None,
+                       tune_model: ModelTune | None = None) -> None:
     """Quantize ``names`` (linears inside the decoder blocks) with Hessians from ``tokens`` ``[n, t]``.
 
     ``quantize(name, hessian)`` must replace module ``name`` by its quantized form; the next stage and
     block see its output. ``tune``: called on each block once its linears are quantized, with the
-    unquantized block's outputs on the same inputs as targets. A progress bar counts blocks.
+    unquantized block's outputs on the same inputs as targets. ``tune_model``: called once every block is
+    done, with the unquantized model's inputs to its output layer on ``tokens`` (one dense forward before
+    quantization begins; ``[n, t, d]`` kept until then). A progress bar counts blocks.
     """
     from tqdm.auto import tqdm
 
@@ -247,6 +276,7 @@ def quantize_blockwise(model: nn.Module, names: list[str], tokens: torch.Tensor,
     stage_cache: dict[tuple[str, ...], list[list[str]]] = {}
     try:
         with torch.no_grad():
+            teacher = capture_head_inputs(model, tokens, cal.batch_size) if tune_model is not None else None
             batches = capture_inputs(model, blocks[0], tokens, cal.batch_size)
             last = max(per_block, default=-1)  # blocks after the last targeted one need no inputs
             for i in tqdm(range(last + 1), desc=desc, unit="block", disable=not cal.progress):
@@ -272,6 +302,9 @@ def quantize_blockwise(model: nn.Module, names: list[str], tokens: torch.Tensor,
                 if i < last:
                     for b in batches:  # the quantized block's outputs are the next block's inputs
                         b.hidden = _first(b.call(block))
+        batches.clear()  # the last block's activations: not needed by the model's tuning stage
+        if tune_model is not None:
+            tune_model(model, names, tokens, teacher)
     finally:
         model.train(was_training)
     if unrouted:

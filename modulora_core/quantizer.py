@@ -24,6 +24,10 @@ from .errors import InvalidWeightError, QuantizerConfigError
 # output [b, t, d] on calibration batch j (autograd is up to the tuner) and targets[j] the unquantized
 # block's output on the same inputs.
 BlockTune = Callable[[Any, list[str], Callable[[int], torch.Tensor], list[torch.Tensor]], None]
+# A quantizer's tuning of the whole model once calibration quantized every targeted linear, in place:
+# (model, names of its quantized linears, calibration tokens [n, t], teacher [n, t, d]), where teacher is what
+# the unquantized model fed its output layer (lm_head) on those tokens, captured before quantization began.
+ModelTune = Callable[[Any, list[str], torch.Tensor, torch.Tensor], Any]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -223,6 +227,11 @@ class Quantizer(ABC):
     def block_tuner(self, config: QuantizerConfig) -> BlockTune | None:
         """A tuning stage run on each decoder block once calibration quantized its linears (QuIP#'s
         fine-tuning); None (the default): none."""
+        return None
+
+    def model_tuner(self, config: QuantizerConfig) -> ModelTune | None:
+        """A tuning stage run on the whole model once calibration quantized all its targeted linears, against
+        the unquantized model's outputs (QuIP#'s end-to-end fine-tuning); None (the default): none."""
         return None
 
     def packed_nbytes(self, shape: tuple[int, int], config: QuantizerConfig) -> int:

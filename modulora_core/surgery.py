@@ -9,9 +9,9 @@ for plugin loaders; the "packed tensors -> model" builder is :func:`modulora_cor
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
@@ -24,12 +24,13 @@ from .experts import unfuse_experts
 from .layouts import CONV1D, is_conv1d, is_quantizable, is_router, linear_weight, matches_target
 from .lora_init import LoraInit
 from .qlinear import QuantizedLinear, iter_quantized_layers
-from .quantizer import BlockTune, PackedWeight, Quantizer
+from .quantizer import PackedWeight, Quantizer
 from .registry import Preset, get_preset
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
 
+T = TypeVar("T", bound=Callable[..., Any])
 Targets = list[str] | str | None  # PEFT semantics: suffixes, a regex, "all-linear", or None (decoder blocks)
 
 
@@ -167,12 +168,12 @@ class QuantizeOptions:
     lora_init: LoraInit | None = None  # residual LoRA factors, recorded while each dense weight is in hand
 
 
-def _refitting(tune: BlockTune, model: nn.Module, lora_init: LoraInit,
-               keep: dict[str, tuple[torch.Tensor, torch.Tensor | None]]) -> BlockTune:
-    """``tune``, then the residual LoRA factors of the block's layers refit against their tuned weights
-    (their dense weights, in ``keep``, are dropped after)."""
-    def run(block: nn.Module, names: list[str], forward: Any, targets: list[torch.Tensor]) -> None:
-        tune(block, names, forward, targets)
+def _refitting(tune: T, model: nn.Module, lora_init: LoraInit,
+               keep: dict[str, tuple[torch.Tensor, torch.Tensor | None]]) -> T:
+    """``tune`` (a block's or the model's tuning stage), then the residual LoRA factors of the layers it
+    tuned refit against their tuned weights (their dense weights, in ``keep``, are dropped after)."""
+    def run(*args: Any) -> None:
+        tune(*args)
         for name, (weight, hessian) in keep.items():
             layer = model.get_submodule(name)
             lora_init.refit(name, weight.to(torch.float32), hessian, layer.dequantize(torch.float32))
@@ -203,13 +204,15 @@ def quantize_model(model: PreTrainedModel, preset: str | Any, opts: QuantizeOpti
     tied_before = set(tied) | set(tied.values())
     if isinstance(cal, Calibration):  # Hessians from data, one decoder block at a time
         src = source or getattr(model, "name_or_path", None) or None
-        tune = bq.quantizer.block_tuner(bq.config)
-        keep = {} if tune is not None and opts.lora_init is not None else None
-        if keep is not None:
+        tune, tune_model = bq.quantizer.block_tuner(bq.config), bq.quantizer.model_tuner(bq.config)
+        keep = {} if (tune or tune_model) is not None and opts.lora_init is not None else None
+        if keep is not None and tune_model is not None:  # it changes every layer: refit once, after it
+            tune_model = _refitting(tune_model, model, opts.lora_init, keep)
+        elif keep is not None:
             tune = _refitting(tune, model, opts.lora_init, keep)
         quantize_blockwise(model, names, calibration_tokens(cal, src),
                            lambda n, h: _swap_in(model, n, bq, opts.chunk_rows, h, opts.lora_init, keep), cal,
-                           desc=bq.name, tune=tune)
+                           desc=bq.name, tune=tune, tune_model=tune_model)
     else:
         for name in names:
             _swap_in(model, name, bq, opts.chunk_rows, None if cal is None else cal[name], opts.lora_init)

@@ -19,7 +19,7 @@ the block is left as it was.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -34,15 +34,34 @@ if TYPE_CHECKING:
     from .quantizer import QuipSharpConfig, QuipSharpQuantizer
 
 
-class TunableLayer(nn.Module):
-    """A quantized layer during tuning: decoded codes fixed, ``su`` ``[n]`` and ``sv`` ``[m]`` trainable."""
+class _CodesMatmul(torch.autograd.Function):
+    """``x1 [..., n] -> x1 @ C^T [..., m]``, ``C`` a layer's decoded codes ``[m, n]`` float32, decoded again
+    for the backward instead of kept (decoding costs a few percent of the product)."""
 
-    def __init__(self, layer: QuantizedLinear, quantizer: QuipSharpQuantizer) -> None:
+    @staticmethod
+    def forward(ctx, x1: torch.Tensor, packed: Any, quantizer: QuipSharpQuantizer) -> torch.Tensor:
+        ctx.packed, ctx.quantizer = packed, quantizer
+        return x1 @ quantizer.decoded(packed, slice(0, packed.shape[0]), torch.float32).T
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        codes = ctx.quantizer.decoded(ctx.packed, slice(0, ctx.packed.shape[0]), torch.float32)
+        return grad @ codes, None, None
+
+
+class TunableLayer(nn.Module):
+    """A quantized layer during tuning: decoded codes fixed, ``su`` ``[n]`` and ``sv`` ``[m]`` trainable.
+
+    ``cache``: keep the decoded codes (``[m, n]`` float32) for the whole run (one block's layers at a time);
+    else decode them in every pass (the end-to-end stage, where every layer of the model is tunable).
+    """
+
+    def __init__(self, layer: QuantizedLinear, quantizer: QuipSharpQuantizer, cache: bool = True) -> None:
         super().__init__()
         packed = layer.packed
         m, n = packed.shape
-        # decoded once for the whole run: [m, n] float32, as the fast path decodes it block by block
-        self.register_buffer("codes", quantizer.decoded(packed, slice(0, m), torch.float32))
+        self.packed, self.quantizer = packed, quantizer
+        self.register_buffer("codes", quantizer.decoded(packed, slice(0, m), torch.float32) if cache else None)
         self.register_buffer("scale", packed.tensors["scale"].to(torch.float32))
         inc = quantizer.incoherence(packed)
         self.su = nn.Parameter(inc.su.to(torch.float32).clone())
@@ -53,7 +72,8 @@ class TunableLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[..., n] -> [..., m]`` in float32 arithmetic, x's dtype out."""
         inc = Incoherence(self.su, self.sv, self.rot_in, self.rot_out)
-        y = inc.forward(x.to(torch.float32), "in") @ self.codes.T
+        x1 = inc.forward(x.to(torch.float32), "in")
+        y = x1 @ self.codes.T if self.codes is not None else _CodesMatmul.apply(x1, self.packed, self.quantizer)
         y = inc.backward(y * self.scale, "out")
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
@@ -79,7 +99,7 @@ def block_error(run: Callable[[int], torch.Tensor], targets: list[torch.Tensor])
         return sum(float(_relative_error(run(j), t)) for j, t in enumerate(targets)) / max(1, len(targets))
 
 
-def _swap(block: nn.Module, name: str, module: nn.Module) -> None:
+def swap(block: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(block.get_submodule(parent) if parent else block, leaf, module)
 
@@ -105,7 +125,7 @@ def tune_block(block: nn.Module, names: list[str], run: Callable[[int], torch.Te
     grad_was = [p.requires_grad for p in vectors]
     saved = [p.detach().clone() for p in vectors]
     for n, t in tunables.items():
-        _swap(block, n, t)
+        swap(block, n, t)
     try:
         before = block_error(run, targets)
         for p in vectors:
@@ -130,20 +150,27 @@ def tune_block(block: nn.Module, names: list[str], run: Callable[[int], torch.Te
                     p.copy_(s)
             for n, t in tunables.items():
                 if kept:
-                    _store(layers[n], t)
+                    store(layers[n], t)
     finally:
-        for p, g in zip(vectors, grad_was, strict=True):
-            p.requires_grad_(g)
-        for n, m in layers.items():
-            _swap(block, n, m)
+        release(block, layers, vectors, grad_was)
     return {"before": before, "after": after, "kept": kept}
 
 
-def _store(layer: QuantizedLinear, tuned: TunableLayer) -> None:
+def release(root: nn.Module, layers: dict[str, nn.Module], vectors: list[nn.Parameter],
+            grad_was: list[bool]) -> None:
+    """The end of a tuning run: the quantized ``layers`` back in ``root`` in place of their tunable forms,
+    the tuned vector parameters back to their ``requires_grad``."""
+    for p, g in zip(vectors, grad_was, strict=True):
+        p.requires_grad_(g)
+    for n, m in layers.items():
+        swap(root, n, m)
+
+
+def store(layer: QuantizedLinear, tuned: TunableLayer) -> None:
     """Write the tuned sign vectors into ``layer``'s packed buffers (float16 ``[n]`` / ``[m]``)."""
     for key, value in (("su", tuned.su), ("sv", tuned.sv)):
         buf = getattr(layer, f"packed_{key}")
         if not buf.is_floating_point() or buf.shape != value.shape:
             raise ValueError(f"quip# layer stores {key} as {buf.dtype} {tuple(buf.shape)}; tuning needs the "
-                             f"real-valued form (quantize with ft_steps > 0)")
+                             f"real-valued form (quantize with ft_steps or ft_e2e_steps > 0)")
         buf.copy_(value.detach().to(buf.dtype))

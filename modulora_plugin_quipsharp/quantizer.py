@@ -5,8 +5,9 @@ Storage of an ``[m, n]`` weight (``m``, ``n`` multiples of 8):
 - ``codes`` int16 ``[m, n / 8]``: E8P codes (the 16 bits read as unsigned) of the rotated, scaled weight;
 - 3 bits: ``codes_residual`` uint8 ``[m, n / 8]`` (1-bit E8 codebook); 4 bits: int16 ``[m, n / 8]`` (E8P);
 - ``su`` uint8 ``[n / 8]``, ``sv`` uint8 ``[m / 8]``: the random sign vectors, one bit per sign; with
-  ``ft_steps`` > 0, float16 ``[n]`` and ``[m]``: the sign vectors relaxed to reals and tuned per decoder block
-  (:mod:`.finetune`; format version 2, which still reads version 1's bits);
+  ``ft_steps`` or ``ft_e2e_steps`` > 0, float16 ``[n]`` and ``[m]``: the sign vectors relaxed to reals and
+  tuned per decoder block (:mod:`.finetune`) and end to end (:mod:`.e2e`); format version 2, which still
+  reads version 1's bits;
 - ``scale`` float32 ``[1]``: ``RMS(W~) / opt_scale``;
 - ``rot_in`` / ``rot_out`` float32 ``[K, K]``: only for a size with no Hadamard construction here.
 
@@ -30,6 +31,7 @@ from modulora_core import (
     Capabilities,
     CheckpointError,
     InvalidWeightError,
+    ModelTune,
     PackedWeight,
     Quantizer,
     QuantizerConfig,
@@ -70,8 +72,18 @@ class QuipSharpConfig(QuantizerConfig):
                           "stored float16) and the block's norms against the unquantized block's outputs on the "
                           "calibration tokens; 0: no fine-tuning stage (signs stored as bits)")
     ft_lr: float = Field(3e-3, gt=0, le=1, description="Adam learning rate of the fine-tuning stage")
-    ft_norms: bool = Field(True, description="the fine-tuning stage also tunes the block's vector parameters "
-                           "(norm weights, biases), which the checkpoint stores dense")
+    ft_norms: bool = Field(True, description="the fine-tuning stages also tune the vector parameters (norm "
+                           "weights, biases), which the checkpoint stores dense")
+    ft_e2e_steps: int = Field(0, ge=0, description="Adam steps of the end-to-end stage, once every block is "
+                              "quantized: all sign vectors (as reals) and norms together, against the unquantized "
+                              "model's next-token distribution on the calibration tokens (KL); 0: none")
+    ft_e2e_lr: float = Field(1e-3, gt=0, le=1, description="Adam learning rate of the end-to-end stage")
+    ft_e2e_batch: int = Field(4, ge=1, description="calibration sequences per step of the end-to-end stage")
+
+    @property
+    def real_signs(self) -> bool:
+        """The sign vectors are stored as float16 reals (a fine-tuning stage tunes them), else as bits."""
+        return bool(self.ft_steps or self.ft_e2e_steps)
 
 
 FT_STEPS = 16  # the -ft presets' Adam steps per block (docs/benchmarks.md, quipsharp-quick-ft*)
@@ -86,7 +98,7 @@ def storage_spec(config: QuipSharpConfig, shape: tuple[int, int]) -> dict[str, t
     m, n = shape
     spec = {"codes": (torch.int16, (m, n // BLOCK)), "su": (torch.uint8, (n // 8,)), "sv": (torch.uint8, (m // 8,)),
             "scale": (torch.float32, (1,))}
-    if config.ft_steps:  # tuned sign vectors are real values
+    if config.real_signs:  # tuned sign vectors are real values
         spec["su"], spec["sv"] = (torch.float16, (n,)), (torch.float16, (m,))
     if config.bits == 3:
         spec["codes_residual"] = (torch.uint8, (m, n // BLOCK))
@@ -120,7 +132,7 @@ class QuipSharpQuantizer(Quantizer):
             max_relative_error_heavy_tailed=bound,  # incoherence makes heavy tails look Gaussian
             # the signs cost (m + n) bits and the scale 32: 0.028 bits/weight for 64 x 128, less beyond
             # float16 signs (ft_steps > 0): 16 (m + n) / (m n), 0.375 for 64 x 128, 0.06 for 576 x 576
-            max_bits_per_weight=config.bits + (0.4 if config.ft_steps else 0.03),
+            max_bits_per_weight=config.bits + (0.4 if config.real_signs else 0.03),
         )
 
     # -- quantize ------------------------------------------------------------------------------------------
@@ -168,7 +180,7 @@ class QuipSharpQuantizer(Quantizer):
     def pack(self, state: dict) -> PackedWeight:
         cfg: QuipSharpConfig = state["config"]
         inc: Incoherence = state["inc"]
-        signs = (lambda v: v.to(torch.float16)) if cfg.ft_steps else pack_signs  # noqa: E731
+        signs = (lambda v: v.to(torch.float16)) if cfg.real_signs else pack_signs  # noqa: E731
         tensors = {"codes": to_int16(state["first"]).contiguous(), "su": signs(inc.su),
                    "sv": signs(inc.sv), "scale": state["scale"].contiguous()}
         if cfg.bits == 3:
@@ -194,7 +206,7 @@ class QuipSharpQuantizer(Quantizer):
     def unpack(self, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> PackedWeight:
         packed = super().unpack(tensors, metadata)
         if packed.format_version == 1:  # before the fine-tuning stage: signs as bits, whatever ft_steps defaults to
-            packed.config = packed.config.model_copy(update={"ft_steps": 0})
+            packed.config = packed.config.model_copy(update={"ft_steps": 0, "ft_e2e_steps": 0})
             packed.format_version = self.format_version
         if packed.format_version != self.format_version:
             raise CheckpointError(f"quip# packed weight has format_version {packed.format_version}; this plugin "
@@ -218,6 +230,15 @@ class QuipSharpQuantizer(Quantizer):
         from .finetune import tune_block
 
         return lambda block, names, run, targets: tune_block(block, names, run, targets, config, self)
+
+    def model_tuner(self, config: QuipSharpConfig) -> ModelTune | None:
+        """QuIP#'s end-to-end stage for the calibration pipeline (:func:`.e2e.tune_model`), or None when
+        ``config.ft_e2e_steps`` is 0."""
+        if not config.ft_e2e_steps:
+            return None
+        from .e2e import tune_model
+
+        return lambda model, names, tokens, teacher: tune_model(model, names, tokens, teacher, config, self)
 
     # -- reading the storage -------------------------------------------------------------------------------
     @staticmethod
