@@ -86,8 +86,8 @@ static inline float lane_sum(const float *p) {
     return ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
 }
 
-/* x [n, k] -> even [n, k/2], odd [n, k/2] and group sums [n, k/gs] (gs even, dividing k) */
-static float *split_x(const float *x, int64_t n, int64_t k, int64_t gs) {
+/* x [n, k] -> even [n, k/2], odd times oscale [n, k/2] and group sums [n, k/gs] (gs even, dividing k) */
+static float *split_x(const float *x, int64_t n, int64_t k, int64_t gs, float oscale) {
     int64_t groups = k / gs;
     float *buf = (float *)malloc(sizeof(float) * (size_t)(n * k + n * groups));
     if (!buf) return NULL;
@@ -96,7 +96,7 @@ static float *split_x(const float *x, int64_t n, int64_t k, int64_t gs) {
         float *e = buf + r * (k / 2), *o = buf + n * (k / 2) + r * (k / 2), *s = buf + n * k + r * groups;
         for (int64_t j = 0; j < k / 2; j++) {
             e[j] = xr[2 * j];
-            o[j] = xr[2 * j + 1];
+            o[j] = xr[2 * j + 1] * oscale;
         }
         for (int64_t g = 0; g < groups; g++) {
             float t = 0.f;
@@ -107,12 +107,112 @@ static float *split_x(const float *x, int64_t n, int64_t k, int64_t gs) {
     return buf;
 }
 
+#ifdef HAVE_AVX2
+#define GEMV_ROWS 4 /* output rows per step of the vector GEMVs: each x load serves four rows */
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* RTN 4-bit, rows o0..o0 + R - 1 of y[r] (R <= GEMV_ROWS, a constant once inlined); h % 8 == 0. The high
+ * nibble is read in place ((c & 0xf0) = 16 hi) against odd inputs divided by 16 (xo16): no shift. Two
+ * accumulators per row (low and high nibbles), so the FMA chains overlap. */
+static inline __attribute__((always_inline)) void rtn4_rows(const float *xe, const float *xo16, const float *xs,
+                                                            const uint8_t *codes, int64_t stride,
+                                                            const void *scales, int skind, const uint8_t *zeros,
+                                                            int64_t groups, int64_t h, int64_t o0, const int R,
+                                                            float *y) {
+    __m256 lanes[GEMV_ROWS];
+    float corr[GEMV_ROWS];
+    const __m256i m_lo = _mm256_set1_epi32(0x0f), m_hi = _mm256_set1_epi32(0xf0);
+    for (int i = 0; i < R; i++) lanes[i] = _mm256_setzero_ps(), corr[i] = 0.f;
+    for (int64_t g = 0; g < groups; g++) {
+        __m256 lo[GEMV_ROWS], hi[GEMV_ROWS];
+        for (int i = 0; i < R; i++) lo[i] = _mm256_setzero_ps(), hi[i] = _mm256_setzero_ps();
+        const uint8_t *cg = codes + o0 * stride + g * h;
+        for (int64_t j = 0; j < h; j += 8) {
+            __m256 e = _mm256_loadu_ps(xe + g * h + j), od = _mm256_loadu_ps(xo16 + g * h + j);
+            for (int i = 0; i < R; i++) {
+                __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(cg + i * stride + j)));
+                lo[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, m_lo)), e, lo[i]);
+                hi[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, m_hi)), od, hi[i]);
+            }
+        }
+        for (int i = 0; i < R; i++) {
+            int64_t at = (o0 + i) * groups + g;
+            float sc = load_scale(scales, skind, at), z = zeros ? (float)zeros[at] : 8.f;
+            lanes[i] = _mm256_fmadd_ps(_mm256_set1_ps(sc), _mm256_add_ps(lo[i], hi[i]), lanes[i]);
+            corr[i] -= sc * z * xs[g];
+        }
+    }
+    for (int i = 0; i < R; i++) y[o0 + i] = hsum8(lanes[i]) + corr[i];
+}
+
+/* NF4/FP4, rows o0..o0 + R - 1 of y[r]; h % 8 == 0. The 16 levels live in two registers: a lookup is two
+ * permutes (which read the index's low three bits) and a blend on its fourth bit, not a gather. */
+static inline __attribute__((always_inline)) void nf4_rows(const float *xe, const float *xo, const uint8_t *codes,
+                                                           int64_t k, const float *absmax, const uint8_t *qabsmax,
+                                                           const float *book, const float *ascale,
+                                                           const float *aoffset, const float *levels, int64_t nb,
+                                                           int64_t h, int64_t o0, const int R, float *y) {
+    __m256 lanes[GEMV_ROWS];
+    const __m256 l0 = _mm256_loadu_ps(levels), l1 = _mm256_loadu_ps(levels + 8);
+    for (int i = 0; i < R; i++) lanes[i] = _mm256_setzero_ps();
+    for (int64_t bl = 0; bl < nb; bl++) {
+        __m256 acc[GEMV_ROWS];
+        for (int i = 0; i < R; i++) acc[i] = _mm256_setzero_ps();
+        const uint8_t *cb = codes + o0 * (k / 2) + bl * h;
+        for (int64_t j = 0; j < h; j += 8) {
+            __m256 e = _mm256_loadu_ps(xe + bl * h + j), od = _mm256_loadu_ps(xo + bl * h + j);
+            for (int i = 0; i < R; i++) {
+                __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(cb + i * (k / 2) + j)));
+                __m256i hi = _mm256_srli_epi32(v, 4);
+                __m256 vh = _mm256_blendv_ps(_mm256_permutevar8x32_ps(l0, hi), _mm256_permutevar8x32_ps(l1, hi),
+                                             _mm256_castsi256_ps(_mm256_slli_epi32(v, 24)));
+                __m256 vl = _mm256_blendv_ps(_mm256_permutevar8x32_ps(l0, v), _mm256_permutevar8x32_ps(l1, v),
+                                             _mm256_castsi256_ps(_mm256_slli_epi32(v, 28)));
+                acc[i] = _mm256_fmadd_ps(vh, e, acc[i]);
+                acc[i] = _mm256_fmadd_ps(vl, od, acc[i]);
+            }
+        }
+        for (int i = 0; i < R; i++) {
+            int64_t b = (o0 + i) * nb + bl;
+            float am = absmax ? absmax[b] : book[qabsmax[b]] * ascale[b / 256] + aoffset[0];
+            lanes[i] = _mm256_fmadd_ps(_mm256_set1_ps(am), acc[i], lanes[i]);
+        }
+    }
+    for (int i = 0; i < R; i++) y[o0 + i] = hsum8(lanes[i]);
+}
+#endif
+
 /* RTN 4-bit: y [n, out] = x [n, k] W^T, codes [out, stride] (low nibble = even input), scales/zeros [out, G];
  * zeros NULL: symmetric (zero 8). Per group: s * (sum q x - z sum x). Returns 0, or -1 if out of memory. */
 int rtn4_gemv(const float *x, int64_t n, int64_t k, const uint8_t *codes, int64_t stride, const void *scales,
               int skind, const uint8_t *zeros, int64_t out, int64_t groups, float *y, int nt) {
     int64_t gs = k / groups, h = gs / 2;
-    float *buf = split_x(x, n, k, gs);
+#ifdef HAVE_AVX2
+    if (h % 8 == 0) {
+        float *buf = split_x(x, n, k, gs, 1.f / 16.f);
+        if (!buf) return -1;
+        int64_t blocks = (out + GEMV_ROWS - 1) / GEMV_ROWS;
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+        for (int64_t ob = 0; ob < blocks; ob++)
+            for (int64_t r = 0; r < n; r++) {
+                const float *xe = buf + r * (k / 2), *xo = buf + n * (k / 2) + r * (k / 2), *xs = buf + n * k + r * groups;
+                int64_t o0 = ob * GEMV_ROWS;
+                if (o0 + GEMV_ROWS <= out)
+                    rtn4_rows(xe, xo, xs, codes, stride, scales, skind, zeros, groups, h, o0, GEMV_ROWS, y + r * out);
+                else
+                    for (int64_t o = o0; o < out; o++)
+                        rtn4_rows(xe, xo, xs, codes, stride, scales, skind, zeros, groups, h, o, 1, y + r * out);
+            }
+        free(buf);
+        return 0;
+    }
+#endif
+    float *buf = split_x(x, n, k, gs, 1.f);
     if (!buf) return -1;
     const float *xe = buf, *xo = buf + n * (k / 2), *xs = buf + n * k;
 #pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
@@ -184,6 +284,56 @@ static int optq_tables(const int32_t *qzeros, const void *scales, int skind, int
 
 #define OPTQ_CHUNK 64 /* output columns per task: the partial sums of a chunk stay in L1 */
 
+#ifdef HAVE_AVX2
+/* optq4_gemv in plain group order, 32 output columns per task (four vectors of words: their accumulators, words
+ * and one broadcast input stay in registers). Code j of a word is read in place, w & (15 << 4 j) = 16^j code,
+ * against x scaled by 16^-j (exact: a power of two), so one AND and one conversion per code, no shift (but
+ * the top code's, whose in-place value would read as negative). s, z: [G, out] tables; xs [n, G] group sums. */
+static int optq4_gemv_avx2(const float *x, int64_t n, int64_t k, const int32_t *qweight, const float *s,
+                           const float *z, const float *xs, int64_t gs, int64_t groups, int64_t out, float *y,
+                           int nt) {
+    float *xp = (float *)malloc(sizeof(float) * (size_t)(n * k));
+    if (!xp) return -1;
+    for (int64_t i = 0; i < n * k; i++) xp[i] = i % 8 == 7 ? x[i] : x[i] * (1.f / (float)(1u << (4 * (i % 8))));
+    int64_t chunks = out / 32;
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+    for (int64_t ch = 0; ch < chunks; ch++) {
+        int64_t o0 = ch * 32;
+        for (int64_t r = 0; r < n; r++) {
+            const float *xr = xp + r * k;
+            __m256 tot[4];
+            for (int v = 0; v < 4; v++) tot[v] = _mm256_setzero_ps();
+            for (int64_t g = 0; g < groups; g++) {
+                __m256 acc[4];
+                for (int v = 0; v < 4; v++) acc[v] = _mm256_setzero_ps();
+                for (int64_t kw = g * gs / 8; kw < (g + 1) * gs / 8; kw++) {
+                    const int32_t *wr = qweight + kw * out + o0;
+                    __m256i w[4];
+                    for (int v = 0; v < 4; v++) w[v] = _mm256_loadu_si256((const __m256i *)(wr + 8 * v));
+                    for (int j = 0; j < 7; j++) {
+                        __m256 xb = _mm256_broadcast_ss(xr + kw * 8 + j);
+                        __m256i m = _mm256_set1_epi32(15 << (4 * j));
+                        for (int v = 0; v < 4; v++)
+                            acc[v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(w[v], m)), xb, acc[v]);
+                    }
+                    __m256 xb = _mm256_broadcast_ss(xr + kw * 8 + 7);
+                    for (int v = 0; v < 4; v++)
+                        acc[v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(w[v], 28)), xb, acc[v]);
+                }
+                __m256 xg = _mm256_set1_ps(xs[r * groups + g]);
+                for (int v = 0; v < 4; v++) { /* tot += s (part - z sum x) */
+                    __m256 sv = _mm256_loadu_ps(s + g * out + o0 + 8 * v), zv = _mm256_loadu_ps(z + g * out + o0 + 8 * v);
+                    tot[v] = _mm256_fmadd_ps(sv, _mm256_fnmadd_ps(zv, xg, acc[v]), tot[v]);
+                }
+            }
+            for (int v = 0; v < 4; v++) _mm256_storeu_ps(y + r * out + o0 + 8 * v, tot[v]);
+        }
+    }
+    free(xp);
+    return 0;
+}
+#endif
+
 /* OPTQ 4-bit: y [n, out] = x [n, k] W^T from qweight [k/8, out] (8 codes per word along k). g_idx NULL: plain
  * group order (input k in group k / gs), each group's dot product scaled once; else g_idx [k] int32 (act-order):
  * every term scaled by its own group's scale. */
@@ -199,6 +349,14 @@ int optq4_gemv(const float *x, int64_t n, int64_t k, const int32_t *qweight, con
     }
     for (int64_t r = 0; r < n; r++)
         for (int64_t i = 0; i < k; i++) xs[r * groups + (g_idx ? g_idx[i] : i / gs)] += x[r * k + i];
+#ifdef HAVE_AVX2
+    if (!g_idx && gs % 8 == 0 && out % 32 == 0) {
+        int rc = optq4_gemv_avx2(x, n, k, qweight, s, z, xs, gs, groups, out, y, nt);
+        free(xs);
+        free(s);
+        return rc;
+    }
+#endif
     int64_t chunks = (out + OPTQ_CHUNK - 1) / OPTQ_CHUNK;
 #pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
     for (int64_t ch = 0; ch < chunks; ch++) {
@@ -252,21 +410,47 @@ int optq4_gemv(const float *x, int64_t n, int64_t k, const int32_t *qweight, con
 }
 
 /* OPTQ 4-bit materialize of W^T's columns a..b: wt [k, b - a] float32 = (code - zero) * scale, the group of
- * input i being g_idx[i]. Returns 0, or -1 if out of memory. */
+ * input i being g_idx[i]. One task per qweight row (8 inputs): each word is loaded once for its 8 codes, and
+ * when the 8 inputs share a group (plain order, and most act-order words), so are the scale and zero, which
+ * leaves one load of each per 8 outputs. Returns 0, or -1 if out of memory. */
 int optq4_dequant_t(const int32_t *qweight, const int32_t *qzeros, const void *scales, int skind,
                     const int32_t *g_idx, int64_t groups, int64_t k, int64_t out, int64_t a, int64_t b, float *wt,
                     int nt) {
     float *s, *z;
     if (optq_tables(qzeros, scales, skind, groups, out, a, b, &s, &z)) return -1;
-    int64_t r = b - a;
+    int64_t r = b - a, words = (k + 7) / 8;
 #pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
-    for (int64_t i = 0; i < k; i++) {
-        const uint32_t *wr = (const uint32_t *)qweight + (i / 8) * out + a;
-        int sh = (int)(4 * (i % 8));
-        const float *sg = s + (int64_t)g_idx[i] * r, *zg = z + (int64_t)g_idx[i] * r;
-        float *dst = wt + i * r;
+    for (int64_t kw = 0; kw < words; kw++) {
+        const uint32_t *wr = (const uint32_t *)qweight + kw * out + a;
+        int64_t i0 = 8 * kw, cnt = k - i0 < 8 ? k - i0 : 8;
+        int same = cnt == 8;
+        for (int64_t j = 1; j < cnt && same; j++) same = g_idx[i0 + j] == g_idx[i0];
+        if (same) {
+            const float *sg = s + (int64_t)g_idx[i0] * r, *zg = z + (int64_t)g_idx[i0] * r;
+            float *d0 = wt + i0 * r, *d1 = d0 + r, *d2 = d1 + r, *d3 = d2 + r, *d4 = d3 + r, *d5 = d4 + r,
+                  *d6 = d5 + r, *d7 = d6 + r;
 #pragma omp simd
-        for (int64_t o = 0; o < r; o++) dst[o] = ((float)((wr[o] >> sh) & 15u) - zg[o]) * sg[o];
+            for (int64_t o = 0; o < r; o++) {
+                uint32_t w = wr[o];
+                float sv = sg[o], zv = zg[o];
+                d0[o] = ((float)(w & 15u) - zv) * sv;
+                d1[o] = ((float)((w >> 4) & 15u) - zv) * sv;
+                d2[o] = ((float)((w >> 8) & 15u) - zv) * sv;
+                d3[o] = ((float)((w >> 12) & 15u) - zv) * sv;
+                d4[o] = ((float)((w >> 16) & 15u) - zv) * sv;
+                d5[o] = ((float)((w >> 20) & 15u) - zv) * sv;
+                d6[o] = ((float)((w >> 24) & 15u) - zv) * sv;
+                d7[o] = ((float)(w >> 28) - zv) * sv;
+            }
+            continue;
+        }
+        for (int64_t j = 0; j < cnt; j++) { /* a word across groups: each input its own scale and zero */
+            const float *sg = s + (int64_t)g_idx[i0 + j] * r, *zg = z + (int64_t)g_idx[i0 + j] * r;
+            float *dst = wt + (i0 + j) * r;
+            int sh = (int)(4 * j);
+#pragma omp simd
+            for (int64_t o = 0; o < r; o++) dst[o] = ((float)((wr[o] >> sh) & 15u) - zg[o]) * sg[o];
+        }
     }
     free(s);
     return 0;
@@ -279,10 +463,30 @@ int optq4_dequant_t(const int32_t *qweight, const int32_t *qzeros, const void *s
 int nf4_gemv(const float *x, int64_t n, int64_t k, const uint8_t *codes, const float *absmax, const uint8_t *qabsmax,
              const float *book, const float *ascale, const float *aoffset, const float *levels, int64_t bs,
              int64_t out, float *y, int nt) {
-    float *buf = split_x(x, n, k, bs);
+    float *buf = split_x(x, n, k, bs, 1.f);
     if (!buf) return -1;
     const float *xe = buf, *xo = buf + n * (k / 2);
     int64_t nb = k / bs, h = bs / 2;
+#ifdef HAVE_AVX2
+    if (h % 8 == 0) {
+        int64_t blocks = (out + GEMV_ROWS - 1) / GEMV_ROWS;
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+        for (int64_t ob = 0; ob < blocks; ob++)
+            for (int64_t r = 0; r < n; r++) {
+                const float *e = xe + r * (k / 2), *od = xo + r * (k / 2);
+                int64_t o0 = ob * GEMV_ROWS;
+                if (o0 + GEMV_ROWS <= out)
+                    nf4_rows(e, od, codes, k, absmax, qabsmax, book, ascale, aoffset, levels, nb, h, o0, GEMV_ROWS,
+                             y + r * out);
+                else
+                    for (int64_t o = o0; o < out; o++)
+                        nf4_rows(e, od, codes, k, absmax, qabsmax, book, ascale, aoffset, levels, nb, h, o, 1,
+                                 y + r * out);
+            }
+        free(buf);
+        return 0;
+    }
+#endif
 #pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
     for (int64_t o = 0; o < out; o++) {
         float lanes[MAX_ROWS][LANES] = {{0}};
@@ -361,13 +565,55 @@ void e8p_gemv(const float *x, int64_t n, int64_t k, const int16_t *codes, const 
     }
 }
 
+/* Three levels of butterflies at once (radix 8) on the 8 vectors x + j d (j < 8), over their first len floats:
+ * levels d, 2 d, 4 d, each pair (a, b) -> (a + b, a - b). Eight loads and stores for three levels, in registers. */
+static inline void radix8(float *x, int64_t d, int64_t len) {
+    int64_t t = 0;
+#ifdef HAVE_AVX2
+    for (; t + 8 <= len; t += 8) {
+        float *p = x + t;
+        __m256 a0 = _mm256_loadu_ps(p), a1 = _mm256_loadu_ps(p + d), a2 = _mm256_loadu_ps(p + 2 * d),
+               a3 = _mm256_loadu_ps(p + 3 * d), a4 = _mm256_loadu_ps(p + 4 * d), a5 = _mm256_loadu_ps(p + 5 * d),
+               a6 = _mm256_loadu_ps(p + 6 * d), a7 = _mm256_loadu_ps(p + 7 * d);
+        __m256 b0 = _mm256_add_ps(a0, a1), b1 = _mm256_sub_ps(a0, a1), b2 = _mm256_add_ps(a2, a3),
+               b3 = _mm256_sub_ps(a2, a3), b4 = _mm256_add_ps(a4, a5), b5 = _mm256_sub_ps(a4, a5),
+               b6 = _mm256_add_ps(a6, a7), b7 = _mm256_sub_ps(a6, a7);
+        __m256 c0 = _mm256_add_ps(b0, b2), c2 = _mm256_sub_ps(b0, b2), c1 = _mm256_add_ps(b1, b3),
+               c3 = _mm256_sub_ps(b1, b3), c4 = _mm256_add_ps(b4, b6), c6 = _mm256_sub_ps(b4, b6),
+               c5 = _mm256_add_ps(b5, b7), c7 = _mm256_sub_ps(b5, b7);
+        _mm256_storeu_ps(p, _mm256_add_ps(c0, c4));
+        _mm256_storeu_ps(p + 4 * d, _mm256_sub_ps(c0, c4));
+        _mm256_storeu_ps(p + d, _mm256_add_ps(c1, c5));
+        _mm256_storeu_ps(p + 5 * d, _mm256_sub_ps(c1, c5));
+        _mm256_storeu_ps(p + 2 * d, _mm256_add_ps(c2, c6));
+        _mm256_storeu_ps(p + 6 * d, _mm256_sub_ps(c2, c6));
+        _mm256_storeu_ps(p + 3 * d, _mm256_add_ps(c3, c7));
+        _mm256_storeu_ps(p + 7 * d, _mm256_sub_ps(c3, c7));
+    }
+#endif
+    for (; t < len; t++) {
+        float *p = x + t, a[8], b[8];
+        for (int j = 0; j < 8; j++) a[j] = p[j * d];
+        for (int j = 0; j < 8; j += 2) b[j] = a[j] + a[j + 1], b[j + 1] = a[j] - a[j + 1];
+        for (int j = 0; j < 2; j++) {
+            a[j] = b[j] + b[j + 2], a[j + 2] = b[j] - b[j + 2];
+            a[j + 4] = b[j + 4] + b[j + 6], a[j + 6] = b[j + 4] - b[j + 6];
+        }
+        for (int j = 0; j < 4; j++) p[j * d] = a[j] + a[j + 4], p[(j + 4) * d] = a[j] - a[j + 4];
+    }
+}
+
 /* In-place unnormalized Sylvester transform H_p over the outer index of x viewed as [p, inner] (p a power of
- * two), levels h0, 2 h0, ... < p (h0 > 1: the lower levels were applied already): butterflies (a, b) ->
- * (a + b, a - b), two levels per pass (radix 4, half the passes over memory), which give the natural
- * (Sylvester) order. */
-static void fwht(float *x, int64_t p, int64_t inner, int64_t h0) {
+ * two), levels h0, 2 h0, ... < hend (<= p; h0 > 1: the lower levels were applied already, hend < p: the
+ * upper ones are left to the caller): butterflies (a, b) ->
+ * (a + b, a - b), three levels per pass where it can (radix 8, in registers), then radix 4 and 2, which give
+ * the natural (Sylvester) order. The levels act on different bits of the index, so any grouping gives the
+ * same transform, and the same floats while the sums are exact. */
+static void fwht(float *x, int64_t p, int64_t inner, int64_t h0, int64_t hend) {
     int64_t h = h0;
-    for (; 4 * h <= p; h *= 4)
+    for (; 8 * h <= hend; h *= 8)
+        for (int64_t base = 0; base < p; base += 8 * h) radix8(x + base * inner, h * inner, h * inner);
+    for (; 4 * h <= hend; h *= 4)
         for (int64_t base = 0; base < p; base += 4 * h) {
             float *a = x + base * inner, *b = a + h * inner, *c = b + h * inner, *d = c + h * inner;
 #pragma omp simd
@@ -379,7 +625,7 @@ static void fwht(float *x, int64_t p, int64_t inner, int64_t h0) {
                 d[t] = d0 - d1;
             }
         }
-    for (; h < p; h *= 2)
+    for (; h < hend; h *= 2)
         for (int64_t base = 0; base < p; base += 2 * h) {
             float *a = x + base * inner, *b = x + (base + h) * inner;
 #pragma omp simd
@@ -419,6 +665,20 @@ static void dense_t(float *x, int64_t p, int64_t kk, int64_t inner, const float 
     }
 }
 
+/* One row of a strip leaving quip2_materialize: dst = src * rf * colf, one float64 rounding (float32 where that
+ * rounds the same: colf +-1 and rf exact in float32). */
+static inline void quip_scale_row(float *dst, const float *src, int64_t cw, double rf, const double *colf,
+                                  const float *colf32, int signs_only) {
+    float r32 = (float)rf;
+    if (signs_only && (double)r32 == rf) { /* y * rf rounds once in float32 too: same floats */
+#pragma omp simd
+        for (int64_t t = 0; t < cw; t++) dst[t] = src[t] * r32 * colf32[t];
+    } else {
+#pragma omp simd
+        for (int64_t t = 0; t < cw; t++) dst[t] = (float)(((double)src[t] * rf) * colf[t]);
+    }
+}
+
 #define QUIP_STRIP 32 /* columns per output-side task: a strip of all m rows stays in L2 */
 
 /* QuIP# 2-bit materialize: w [m, n] = diag(rowf) H_m^T C H_n diag(colf), C the E8P codewords of codes [m, n/8]
@@ -431,6 +691,9 @@ int quip2_materialize(const int16_t *codes, const float *book, int64_t m, int64_
                       const double *colf, float *w, int nt) {
     int fail = 0, signs_only = 1; /* colf all +-1 (untuned signs): its product is exact in float32 */
     for (int64_t i = 0; i < n; i++) signs_only &= colf[i] == 1.0 || colf[i] == -1.0;
+    float *colf32 = (float *)malloc(sizeof(float) * (size_t)n);
+    if (!colf32) return -1;
+    for (int64_t i = 0; i < n; i++) colf32[i] = (float)colf[i];
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         float *tmp = (float *)malloc(sizeof(float) * (size_t)(k_in > 1 ? k_in : 1));
@@ -447,27 +710,36 @@ int quip2_materialize(const int16_t *codes, const float *book, int64_t m, int64_
                 const uint16_t *c = (const uint16_t *)codes + o * (n / 8);
                 float *row = w + o * n;
                 for (int64_t j = 0; j < n / 8; j++) memcpy(row + 8 * j, book + (int64_t)c[j] * 8, 8 * sizeof(float));
-                fwht(row, p_in, k_in, k_in == 1 ? 8 : 1);
+                fwht(row, p_in, k_in, k_in == 1 ? 8 : 1, p_in);
                 if (k_in > 1) dense_t(row, p_in, k_in, 1, f_in, tmp);
             }
 #pragma omp for schedule(static)
             for (int64_t c0 = 0; c0 < n; c0 += QUIP_STRIP) { /* output side: a strip of columns at a time */
-                int64_t cw = n - c0 < QUIP_STRIP ? n - c0 : QUIP_STRIP;
-                for (int64_t o = 0; o < m; o++) memcpy(buf + o * cw, w + o * n + c0, sizeof(float) * (size_t)cw);
-                fwht(buf, p_out, k_out * cw, 1);
-                if (k_out > 1) dense_t(buf, p_out, k_out, cw, f_out, tmp2);
+                int64_t cw = n - c0 < QUIP_STRIP ? n - c0 : QUIP_STRIP, d = k_out * cw;
+                /* the lowest three levels on each 8 rows' slices as they arrive, the top three on each 8 as
+                 * they leave (still in L1): two passes over the strip fewer (the same floats: exact sums) */
+                int fuse_in = p_out >= 8, fuse_out = k_out == 1 && p_out >= 64;
                 for (int64_t o = 0; o < m; o++) {
-                    float *dst = w + o * n + c0;
-                    const float *src = buf + o * cw;
-                    double rf = rowf[o];
-                    float r32 = (float)rf;
-                    if (signs_only && (double)r32 == rf) { /* y * rf rounds once in float32 too: same floats */
-#pragma omp simd
-                        for (int64_t t = 0; t < cw; t++) dst[t] = src[t] * r32 * (float)colf[c0 + t];
-                    } else {
-#pragma omp simd
-                        for (int64_t t = 0; t < cw; t++) dst[t] = (float)(((double)src[t] * rf) * colf[c0 + t]);
+                    const float *src = w + o * n + c0;
+                    float *dst = buf + o * cw;
+                    for (int64_t t = 0; t < cw; t++) dst[t] = src[t];
+                    if (fuse_in && o % (8 * k_out) == 8 * k_out - 1) /* rows (u0 + j) k_out + v, j < 8, v < k_out */
+                        for (int64_t v = 0; v < k_out; v++) radix8(buf + (o + 1 - 8 * k_out + v) * cw, d, cw);
+                }
+                fwht(buf, p_out, d, fuse_in ? 8 : 1, fuse_out ? p_out / 8 : p_out);
+                if (k_out > 1) dense_t(buf, p_out, k_out, cw, f_out, tmp2);
+                if (fuse_out) {
+                    int64_t e = p_out / 8;
+                    for (int64_t base = 0; base < e; base++) {
+                        radix8(buf + base * cw, e * cw, cw);
+                        for (int64_t j = 0; j < 8; j++) {
+                            int64_t o = base + j * e;
+                            quip_scale_row(w + o * n + c0, buf + o * cw, cw, rowf[o], colf + c0, colf32 + c0, signs_only);
+                        }
                     }
+                } else {
+                    for (int64_t o = 0; o < m; o++)
+                        quip_scale_row(w + o * n + c0, buf + o * cw, cw, rowf[o], colf + c0, colf32 + c0, signs_only);
                 }
             }
         }
@@ -475,5 +747,6 @@ int quip2_materialize(const int16_t *codes, const float *book, int64_t m, int64_
         free(buf);
         free(tmp2);
     }
+    free(colf32);
     return fail ? -1 : 0;
 }

@@ -92,10 +92,12 @@ CASES = [("rtn-4bit", {}), ("rtn-4bit", {"symmetric": True}), ("rtn-4bit", {"gro
 
 @native_only
 @pytest.mark.parametrize(("preset", "cfg", "shape"), [*((p, c, (96, 256)) for p, c in CASES),
-                                                      ("quip#-2bit", {}, (96, 256)), ("quip#-2bit", {}, (576, 128))])
+                                                      ("quip#-2bit", {}, (96, 256)), ("quip#-2bit", {}, (576, 128)),
+                                                      ("quip#-2bit", {}, (512, 64))])
 def test_native_materialize_is_bit_identical_to_the_torch_code(monkeypatch, preset, cfg, shape) -> None:
     # quip#: the float32 transforms of integer-valued codewords are exact at these sizes, so equal to float64's
-    # (96 = 8 x Paley 12 on the output side, 576 = 16 x Paley 36)
+    # (96 = 8 x Paley 12 on the output side, 576 = 16 x Paley 36; 512: a power of two, whose lowest and top three
+    # levels the kernel applies as the strip's rows arrive and leave)
     q, packed = _packed(preset, *shape, **cfg)
     monkeypatch.setenv(ENV, "0")  # plain torch
     ref = {dt: q.materialize(packed, dtype=dt) for dt in (torch.float32, torch.float16, torch.bfloat16)}
@@ -108,9 +110,11 @@ def test_native_materialize_is_bit_identical_to_the_torch_code(monkeypatch, pres
 
 
 @native_only
-@pytest.mark.parametrize(("preset", "cfg"), [*CASES, ("quip#-2bit", {})])
-def test_native_decode_matches_the_float64_product(monkeypatch, preset, cfg) -> None:
-    q, packed = _packed(preset, **cfg)
+# out_f 90: the vector kernels' row tails (they take 4 rows, or 32 columns, a step); QuIP# needs multiples of 8
+@pytest.mark.parametrize(("preset", "cfg", "out_f"), [*((p, c, o) for p, c in CASES for o in (96, 90)),
+                                                      ("quip#-2bit", {}, 96)])
+def test_native_decode_matches_the_float64_product(monkeypatch, preset, cfg, out_f) -> None:
+    q, packed = _packed(preset, out_f, **cfg)
     dense = q.materialize(packed, dtype=torch.float64)  # (out, in)
     monkeypatch.setenv(ENV, "auto")
     so = native.lib()
