@@ -15,6 +15,8 @@ reference row. Raw rows go to ``docs/data/<section>.json`` for ``benchmarks/plot
     python -m benchmarks.bench_quipsharp --quick --n-cal 64   # quick, with 64 calibration windows
     python -m benchmarks.bench_quipsharp --quick --presets 'quip#-2bit,quip#-4bit' --ft 0,16
         # each quip# preset without and with QuIP#'s fine-tuning stage (16 Adam steps per block), side by side
+    python -m benchmarks.bench_quipsharp --quick --presets 'quip#-2bit,quip#-4bit' --ft 0,16 --e2e 32
+        # the same, each load also followed by the end-to-end stage (32 Adam steps): four rows from two loads
 """
 
 from __future__ import annotations
@@ -75,12 +77,14 @@ def load_dense(path):
 
 
 def quantized_ppl(path, preset, calib: torch.Tensor, test: torch.Tensor,
-                  tuning: list[float] | None = None) -> tuple[float, float, float, float]:
+                  tuning: list[float] | None = None,
+                  before_e2e: dict | None = None) -> tuple[float, float, float, float]:
     """(perplexity, seconds of modulora.load, seconds inside the quantizer, storage bits per weight) of
-    SmolLM2 quantized with ``preset`` (a name or config); the seconds of QuIP#'s fine-tuning stage, if it
-    runs, are added to ``tuning[0]``."""
+    SmolLM2 quantized with ``preset`` (a name or config); the seconds of QuIP#'s block fine-tuning stage, if
+    it runs, are added to ``tuning[0]``. If QuIP#'s end-to-end stage runs, ``before_e2e`` gets the perplexity
+    just before it (the same load's blocks-only model) and the stage's seconds and calibration KL."""
     from modulora_core.calibration_data import Calibration
-    from modulora_plugin_quipsharp import finetune
+    from modulora_plugin_quipsharp import e2e, finetune
 
     bq = modulora.get_preset(preset)
     needs = bq.capabilities().needs_calibration
@@ -103,16 +107,28 @@ def quantized_ppl(path, preset, calib: torch.Tensor, test: torch.Tensor,
             tuning[0] += time.perf_counter() - t
         return out
 
+    tune_model = e2e.tune_model
+
+    def measured_tune_model(model, *args, **kwargs):  # the end-to-end stage, with the model before it
+        t = time.perf_counter()
+        ppl = perplexity(model, test)
+        skipped = time.perf_counter() - t
+        t = time.perf_counter()
+        stats = tune_model(model, *args, **kwargs)
+        if before_e2e is not None:
+            before_e2e.update(perplexity=ppl, seconds=time.perf_counter() - t, skipped=skipped, **stats)
+        return stats
+
     q.quantize_weight = timed  # an instance attribute shadows the method for this load only
-    finetune.tune_block = timed_tune
+    finetune.tune_block, e2e.tune_model = timed_tune, measured_tune_model
     t0 = time.perf_counter()
     try:
         model = modulora.load(model, bq.config, lora=None,  # the quantized base alone, no adapter
                               calibration=Calibration(calib, progress=False) if needs else None)
     finally:
         del q.quantize_weight
-        finetune.tune_block = tune
-    seconds = time.perf_counter() - t0
+        finetune.tune_block, e2e.tune_model = tune, tune_model
+    seconds = time.perf_counter() - t0 - (before_e2e or {}).get("skipped", 0.0)
     return perplexity(model, test), seconds, inside[0], bits_per_weight(model)
 
 
@@ -198,6 +214,14 @@ def variants(presets: list[str], ft: str | None) -> list[tuple[str, int | None]]
     return [(p, s) for p in presets for s in (steps if steps and family(p) == "quip#" else [None])]
 
 
+def variant_config(preset: str, ft: int | None, e2e: int | None):
+    """The config of ``preset`` with QuIP#'s block stage at ``ft`` steps and its end-to-end stage at ``e2e``
+    (``None``: the preset's own)."""
+    cfg = modulora.get_preset(preset).config
+    update = {k: v for k, v in (("ft_steps", ft), ("ft_e2e_steps", e2e)) if v is not None}
+    return cfg.model_copy(update=update) if update and family(preset) == "quip#" else cfg
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
@@ -207,6 +231,9 @@ def main() -> None:
                     "--quick 32)")
     ap.add_argument("--ft", default=None, help="comma-separated ft_steps of QuIP#'s fine-tuning stage to "
                     "measure each quip# preset at, side by side (e.g. 0,16; default: each preset's own)")
+    ap.add_argument("--e2e", type=int, default=None, help="Adam steps of QuIP#'s end-to-end stage for every "
+                    "quip# row (default: each preset's own); each such load also reports the model just before "
+                    "the stage, so '--ft 0,16 --e2e 32' gives ft0, ft0+e2e32, ft16 and ft16+e2e32 from two loads")
     ap.add_argument("--no-write", action="store_true", help="print only; do not update docs/benchmarks.md")
     a = ap.parse_args()
     if a.threads:
@@ -227,7 +254,7 @@ def main() -> None:
     rows, missing = [], []
     t0 = time.perf_counter()
     base = perplexity(load_dense(path), test)
-    rows.append(f"| unquantized baseline (Q4_1 GGUF dequantized) | 32 | {base:.2f} | - | - | - | - |")
+    rows.append(f"| unquantized baseline (Q4_1 GGUF dequantized) | 32 | {base:.2f} | - | - | - | - | - |")
     data = [{"name": "unquantized", "family": "unquantized", "bits_per_weight": 32.0, "perplexity": base,
              "calibration_tokens": calib.numel()}]
     print(f"unquantized: ppl {base:.2f} ({time.perf_counter() - t0:.0f}s)")
@@ -244,9 +271,11 @@ def main() -> None:
             "`BitsAndBytesConfig` (nf4, double quantization, float32 compute), its load s is the whole "
             "`from_pretrained`. `ftN`: QuIP#'s fine-tuning stage with N Adam steps per decoder block (sign vectors as "
             "reals and the block's norms, against the unquantized block's outputs on the calibration tokens); tune s: "
-            "its share of the load s.\n\n"
-            "| quantizer | bits / weight | perplexity | vs unquantized baseline | load s | quantizer s | tune s |\n"
-            "|---|---|---|---|---|---|---|\n"
+            "its share of the load s. `+e2eN`: then QuIP#'s end-to-end stage, N Adam steps over all sign vectors and "
+            "norms together against the unquantized model's next-token distribution (KL) on the calibration tokens; "
+            "the row above it is the same load just before that stage; e2e s: its seconds.\n\n"
+            "| quantizer | bits / weight | perplexity | vs unquantized baseline | load s | quantizer s | tune s | "
+            "e2e s |\n|---|---|---|---|---|---|---|---|\n"
             + "\n".join(rows) + "\n"
             + (f"\nNot installed, so not measured: {', '.join(missing)}.\n" if missing else "")
             + ("\nForward+backward of PEFT's LoRA (r=8, float32) over one QuantizedLinear, median ms: the fast path (Hadamard "
@@ -264,11 +293,15 @@ def main() -> None:
             flags = (" --quick" if a.quick else "") + (f" --n-cal {a.n_cal}" if a.n_cal else "")
             flags += f" --threads {a.threads}" if a.threads else ""
             flags += f" --ft {a.ft}" if a.ft else ""
+            flags += f" --e2e {a.e2e}" if a.e2e is not None else ""
             if a.presets != ",".join(PRESETS):
                 flags += f" --presets '{a.presets}'"
-            name = "quipsharp" + flags.split(" --threads")[0].split(" --presets")[0].replace(" --", "-").replace(" ", "")
+            name = "quipsharp" + flags.split(" --threads")[0].split(" --presets")[0].split(" --ft")[0].split(
+                " --e2e")[0].replace(" --", "-").replace(" ", "")
             if a.ft:
                 name += "-ft" + a.ft.replace(",", "-")
+            if a.e2e is not None:
+                name += f"-e2e{a.e2e}"
             if a.presets != ",".join(PRESETS):  # a partial run gets its own section, never replacing a full one
                 name += "-" + "-".join(x.replace("#", "sharp") for x in a.presets.split(","))
             command = "python -m benchmarks.bench_quipsharp" + flags
@@ -277,7 +310,7 @@ def main() -> None:
             write_data(name, command, data)
 
     for p, ft in variants(a.presets.split(","), a.ft):
-        name, tuned = p if ft is None else f"{p} ft{ft}", [0.0]
+        name, tuned, pre = p if ft is None else f"{p} ft{ft}", [0.0], {}
         if p == BNB:
             if importlib.util.find_spec("bitsandbytes") is None:
                 missing.append(p)
@@ -289,16 +322,23 @@ def main() -> None:
             print(f"skip {p}: not installed")
             continue
         else:
-            cfg = modulora.get_preset(p).config
-            if ft is not None:
-                cfg = cfg.model_copy(update={"ft_steps": ft})
-            ppl, secs, inside, bits = quantized_ppl(path, cfg, calib, test, tuned)
-        data.append({"name": name, "family": family(p), "bits_per_weight": bits, "perplexity": ppl,
-                     "load_s": secs, "quantizer_s": inside, "ft_steps": ft, "tune_s": tuned[0],
-                     "calibration_tokens": calib.numel()})
+            cfg = variant_config(p, ft, a.e2e)
+            ppl, secs, inside, bits = quantized_ppl(path, cfg, calib, test, tuned, pre)
+        row = {"name": name, "family": family(p), "bits_per_weight": bits, "perplexity": ppl, "load_s": secs,
+               "quantizer_s": inside, "ft_steps": ft, "tune_s": tuned[0], "calibration_tokens": calib.numel()}
+        if pre:  # the same load just before the end-to-end stage, then after it
+            data.append({**row, "perplexity": pre["perplexity"], "load_s": secs - pre["seconds"],
+                         "ft_e2e_steps": 0})
+            rows.append(f"| {name} | {bits:.3f} | {pre['perplexity']:.2f} | {pre['perplexity'] / base - 1:+.1%} | "
+                        f"{secs - pre['seconds']:.0f} | {inside:.0f} | {tuned[0]:.0f} | - |")
+            name = row["name"] = f"{name}+e2e{cfg.ft_e2e_steps}"
+            row.update(ft_e2e_steps=cfg.ft_e2e_steps, e2e_s=pre["seconds"], e2e_kl_history=pre["history"],
+                       e2e_kept=pre["kept"])
+        data.append(row)
+        e2e_s = f"{pre['seconds']:.0f}" if pre else "-"
         rows.append(f"| {name} | {bits:.3f} | {ppl:.2f} | {ppl / base - 1:+.1%} | {secs:.0f} | "
-                    f"{'-' if inside is None else f'{inside:.0f}'} | {tuned[0]:.0f} |")
-        print(rows[-1])
+                    f"{'-' if inside is None else f'{inside:.0f}'} | {tuned[0]:.0f} | {e2e_s} |")
+        print("\n".join(rows[-2 if pre else -1:]))
         publish([])
     from modulora_plugin_quipsharp import QuipSharpConfig
 
