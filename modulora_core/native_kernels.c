@@ -545,10 +545,49 @@ void nf4_dequant(const uint8_t *codes, const float *absmax, const uint8_t *qabsm
 }
 
 /* E8P: y [n, m] = x [n, k] C^T for codes [m, k/8] (16-bit, read unsigned) and book [65536, 8]: each code's
- * 8 codebook values dotted with its 8 inputs, no decoded weight. */
+ * 8 codebook values dotted with its 8 inputs, no decoded weight. With AVX2 the 2 MiB book is not read per
+ * code (a cache miss each) but rebuilt from two 8 KiB tables that stay in L1, by E8P's structure (see
+ * modulora_plugin_quipsharp/e8p.py): book[(hi << 8) | lo] = a[hi] * b[lo] + c[lo], a the signed source
+ * pattern, b the +-1 signs and c the +-1/4 shift of the low byte (c = -1/4 where lo has odd parity); code 0's
+ * pattern is all 1/2, so a[hi] = book[hi << 8] - 1/4 and b[lo] = 2 (book[lo] - c[lo]), all exact. */
 void e8p_gemv(const float *x, int64_t n, int64_t k, const int16_t *codes, const float *book, int64_t m, float *y,
               int nt) {
     int64_t blocks = k / 8;
+#ifdef HAVE_AVX2
+    float *tab = (float *)malloc(sizeof(float) * (2 * 256 * 8 + 256));
+    if (tab) {
+        float *a = tab, *b = tab + 256 * 8, *c = tab + 2 * 256 * 8;
+        for (int lo = 0; lo < 256; lo++) {
+            c[lo] = __builtin_popcount((unsigned)lo) & 1 ? -0.25f : 0.25f;
+            for (int i = 0; i < 8; i++) b[lo * 8 + i] = 2.f * (book[lo * 8 + i] - c[lo]);
+        }
+        for (int hi = 0; hi < 256; hi++)
+            for (int i = 0; i < 8; i++) a[hi * 8 + i] = book[(int64_t)(hi << 8) * 8 + i] - 0.25f;
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+        for (int64_t o = 0; o < m; o++) {
+            const uint16_t *cr = (const uint16_t *)codes + o * blocks;
+            for (int64_t r = 0; r < n; r++) {
+                const float *xr = x + r * k;
+                __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+                int64_t j = 0;
+                for (; j + 4 <= blocks; j += 4)
+                    for (int u = 0; u < 4; u++) {
+                        unsigned cv = cr[j + u], hi = cv >> 8, lo = cv & 255u;
+                        __m256 cw = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(a + hi * 8), _mm256_loadu_ps(b + lo * 8)),
+                                                  _mm256_broadcast_ss(c + lo));
+                        acc[u] = _mm256_fmadd_ps(cw, _mm256_loadu_ps(xr + (j + u) * 8), acc[u]);
+                    }
+                for (; j < blocks; j++) {
+                    const float *cw = book + (int64_t)cr[j] * 8;
+                    acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(cw), _mm256_loadu_ps(xr + j * 8), acc[0]);
+                }
+                y[r * m + o] = hsum8(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+            }
+        }
+        free(tab);
+        return;
+    }
+#endif
 #pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
     for (int64_t o = 0; o < m; o++) {
         const uint16_t *c = (const uint16_t *)codes + o * blocks;
@@ -679,7 +718,7 @@ static inline void quip_scale_row(float *dst, const float *src, int64_t cw, doub
     }
 }
 
-#define QUIP_STRIP 32 /* columns per output-side task: a strip of all m rows stays in L2 */
+#define QUIP_STRIP 64 /* columns per output-side task: 256 bytes of each row per gather; a strip of all m rows in L2 or L3 */
 
 /* QuIP# 2-bit materialize: w [m, n] = diag(rowf) H_m^T C H_n diag(colf), C the E8P codewords of codes [m, n/8]
  * (book [65536, 8]; when n is a power of two (k_in = 1), book holds H_8 times each codeword: the input side's
@@ -699,7 +738,8 @@ int quip2_materialize(const int16_t *codes, const float *book, int64_t m, int64_
         float *tmp = (float *)malloc(sizeof(float) * (size_t)(k_in > 1 ? k_in : 1));
         float *buf = (float *)malloc(sizeof(float) * (size_t)(m * QUIP_STRIP));
         float *tmp2 = (float *)malloc(sizeof(float) * (size_t)(k_out * QUIP_STRIP));
-        if (!tmp || !buf || !tmp2) {
+        float *tmp3 = (float *)malloc(sizeof(float) * (size_t)((p_out / 64 + 1) * QUIP_STRIP));
+        if (!tmp || !buf || !tmp2 || !tmp3) {
 #pragma omp atomic write
             fail = 1;
         }
@@ -716,9 +756,29 @@ int quip2_materialize(const int16_t *codes, const float *book, int64_t m, int64_
 #pragma omp for schedule(static)
             for (int64_t c0 = 0; c0 < n; c0 += QUIP_STRIP) { /* output side: a strip of columns at a time */
                 int64_t cw = n - c0 < QUIP_STRIP ? n - c0 : QUIP_STRIP, d = k_out * cw;
-                /* the lowest three levels on each 8 rows' slices as they arrive, the top three on each 8 as
-                 * they leave (still in L1): two passes over the strip fewer (the same floats: exact sums) */
-                int fuse_in = p_out >= 8, fuse_out = k_out == 1 && p_out >= 64;
+                if (k_out == 1 && p_out >= 64) { /* H_m = (H_{m/64} x I_64)(I_64 x H_64): L1-sized blocks */
+                    int64_t p2 = p_out / 64;
+                    for (int64_t b0 = 0; b0 < m; b0 += 64) { /* levels < 64 within 64 rows, as they arrive */
+                        for (int64_t o = b0; o < b0 + 64; o++) {
+                            const float *src = w + o * n + c0;
+                            float *dst = buf + o * cw;
+                            for (int64_t t = 0; t < cw; t++) dst[t] = src[t];
+                        }
+                        fwht(buf + b0 * cw, 64, cw, 1, 64);
+                    }
+                    for (int64_t r0 = 0; r0 < 64; r0++) { /* the others across the blocks, rows r0 + 64 j */
+                        for (int64_t j = 0; j < p2; j++)
+                            for (int64_t t = 0; t < cw; t++) tmp3[j * cw + t] = buf[(r0 + 64 * j) * cw + t];
+                        fwht(tmp3, p2, cw, 1, p2);
+                        for (int64_t j = 0; j < p2; j++) {
+                            int64_t o = r0 + 64 * j;
+                            quip_scale_row(w + o * n + c0, tmp3 + j * cw, cw, rowf[o], colf + c0, colf32 + c0, signs_only);
+                        }
+                    }
+                    continue;
+                }
+                /* the lowest three levels on each 8 rows' slices as they arrive (the same floats: exact sums) */
+                int fuse_in = p_out >= 8;
                 for (int64_t o = 0; o < m; o++) {
                     const float *src = w + o * n + c0;
                     float *dst = buf + o * cw;
@@ -726,26 +786,16 @@ int quip2_materialize(const int16_t *codes, const float *book, int64_t m, int64_
                     if (fuse_in && o % (8 * k_out) == 8 * k_out - 1) /* rows (u0 + j) k_out + v, j < 8, v < k_out */
                         for (int64_t v = 0; v < k_out; v++) radix8(buf + (o + 1 - 8 * k_out + v) * cw, d, cw);
                 }
-                fwht(buf, p_out, d, fuse_in ? 8 : 1, fuse_out ? p_out / 8 : p_out);
+                fwht(buf, p_out, d, fuse_in ? 8 : 1, p_out);
                 if (k_out > 1) dense_t(buf, p_out, k_out, cw, f_out, tmp2);
-                if (fuse_out) {
-                    int64_t e = p_out / 8;
-                    for (int64_t base = 0; base < e; base++) {
-                        radix8(buf + base * cw, e * cw, cw);
-                        for (int64_t j = 0; j < 8; j++) {
-                            int64_t o = base + j * e;
-                            quip_scale_row(w + o * n + c0, buf + o * cw, cw, rowf[o], colf + c0, colf32 + c0, signs_only);
-                        }
-                    }
-                } else {
-                    for (int64_t o = 0; o < m; o++)
-                        quip_scale_row(w + o * n + c0, buf + o * cw, cw, rowf[o], colf + c0, colf32 + c0, signs_only);
-                }
+                for (int64_t o = 0; o < m; o++)
+                    quip_scale_row(w + o * n + c0, buf + o * cw, cw, rowf[o], colf + c0, colf32 + c0, signs_only);
             }
         }
         free(tmp);
         free(buf);
         free(tmp2);
+        free(tmp3);
     }
     free(colf32);
     return fail ? -1 : 0;
