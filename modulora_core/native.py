@@ -3,8 +3,10 @@
 They are the CPU half of :mod:`modulora_core.kernels`: ``torch.compile`` fuses a plugin's unpack and scale well
 on a GPU, but inductor's CPU code for these gathers and short group reductions is scalar and slow, and torch's
 own CPU int4 matmul (``_weight_int4pack_mm_for_cpu``) is fast only for bfloat16 inputs. So on a CPU the
-first-party plugins' decode step (``matmul_small``) and 4-bit materialize call these kernels: one pass over the
-packed bytes, vectorized by the compiler (``-O3 -march=native``), threaded with OpenMP (``torch.get_num_threads()``).
+first-party plugins' decode step (``matmul_small``; QuIP#'s fast path) and materialize (rtn, nf4 and optq 4-bit,
+QuIP# 2-bit) call these kernels: one pass over the packed bytes (QuIP#: two, one per Hadamard side), AVX2 where
+the CPU has it (hand-written for the decode GEMVs and the butterflies, by the compiler elsewhere:
+``-O3 -march=native``), threaded with OpenMP (``torch.get_num_threads()``).
 
 The shared library is cached under ``$MODULORA_CACHE`` (default ``~/.cache/modulora``), keyed by the source,
 the compiler flags and the CPU's flags, so the ~1 s build happens once per machine. No compiler, a failed
