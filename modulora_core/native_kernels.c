@@ -762,6 +762,8 @@ int quip2_materialize(const int16_t *codes, const float *book, int64_t m, int64_
                         for (int64_t o = b0; o < b0 + 64; o++) {
                             const float *src = w + o * n + c0;
                             float *dst = buf + o * cw;
+                            if (o + 32 < m) /* rows 16 KiB apart: the hardware prefetchers do not follow */
+                                for (int64_t t = 0; t < cw; t += 16) __builtin_prefetch(src + 32 * n + t);
                             for (int64_t t = 0; t < cw; t++) dst[t] = src[t];
                         }
                         fwht(buf + b0 * cw, 64, cw, 1, 64);
