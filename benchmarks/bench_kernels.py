@@ -49,11 +49,11 @@ def mode_env(mode: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def interleaved(fns: dict[str, tuple[str | None, Callable[[], object], int]]) -> dict[str, float]:
-    """Median seconds per call of each ``name: (mode, fn, reps)``: one warm-up call each (which also
-    compiles), then rounds that time every fn once, in alternating order, so that drift in the machine's load
-    hits them all alike; fn ``name`` is timed in the first ``reps`` rounds. ``mode``: the environment of
-    :data:`MODES` it runs in (None: as it is)."""
+def interleaved(fns: dict[str, tuple[str | None, Callable[[], object], int]]) -> dict[str, list[float]]:
+    """Seconds per call of each ``name: (mode, fn, reps)``, one per round: one warm-up call each (which also
+    compiles), then rounds that time every fn once, in alternating order (so neighbours in ``fns`` stay
+    neighbours in time, and drift in the machine's load hits them alike); fn ``name`` is timed in the first
+    ``reps`` rounds. ``mode``: the environment of :data:`MODES` it runs in (None: as it is)."""
     def call(mode: str | None, fn: Callable[[], object]) -> float:
         with mode_env(mode) if mode else nullcontext():
             t0 = time.perf_counter()
@@ -67,12 +67,18 @@ def interleaved(fns: dict[str, tuple[str | None, Callable[[], object], int]]) ->
         names = [k for k in fns if rnd < fns[k][2]]
         for k in names if rnd % 2 == 0 else names[::-1]:
             ts[k].append(call(fns[k][0], fns[k][1]))
-    return {k: statistics.median(v) for k, v in ts.items()}
+    return ts
+
+
+def paired(num: list[float], den: list[float]) -> float:
+    """Median over the rounds both were timed in of ``num / den``: a ratio measured side by side."""
+    return statistics.median(a / b for a, b in zip(num, den, strict=False))
 
 
 def kernel_rows(preset: str, dim: int, reps: int, modes: tuple[str, ...]) -> dict:
     """Materialize GB/s and one-token decode ms of a ``dim x dim`` weight, per mode; dense and copy figures,
-    all in interleaved rounds (:func:`interleaved`)."""
+    all in interleaved rounds (:func:`interleaved`), each decode next to the dense layer and each materialize
+    next to the copy; the ratios are medians of the per-round ratios (:func:`paired`)."""
     torch.manual_seed(0)
     w = torch.randn(dim, dim) * dim**-0.5
     bq = modulora.get_preset(preset)
@@ -86,23 +92,31 @@ def kernel_rows(preset: str, dim: int, reps: int, modes: tuple[str, ...]) -> dic
     def mat() -> torch.Tensor:
         return q.materialize(packed, dtype=torch.float32)
 
+    order = modes[::-1]  # native first: next to its reference
     fns: dict[str, tuple[str | None, Callable[[], object], int]] = {
-        "dense": (None, lambda: torch.nn.functional.linear(x, w), DECODE_REPS), "copy": (None, lambda: dst.copy_(src), reps)}
+        "dense": (None, lambda: torch.nn.functional.linear(x, w), DECODE_REPS)}
     with torch.no_grad():
-        for mode in modes:
-            fns[f"materialize_{mode}"] = (mode, mat, reps)
-            if mode == "torch":
-                fns["materialize_linear"] = (mode, lambda: torch.nn.functional.linear(x, mat()), reps)
+        for mode in order:
             with mode_env(mode):
                 if fast or decode() is not None:
                     fns[f"decode_{mode}"] = (mode, decode, DECODE_REPS)
+        fns["copy"] = (None, lambda: dst.copy_(src), reps)
+        for mode in order:
+            fns[f"materialize_{mode}"] = (mode, mat, reps)
+        if "torch" in modes:
+            fns["materialize_linear"] = ("torch", lambda: torch.nn.functional.linear(x, mat()), reps)
         t = interleaved(fns)
-    row: dict = {"quantizer": preset, "dim": dim, "dense_ms": t["dense"] * 1e3,
-                 "materialize_linear_ms": t["materialize_linear"] * 1e3 if "materialize_linear" in t else None,
-                 "copy_gbps": gb / t["copy"]}
+    med = {k: statistics.median(v) for k, v in t.items()}
+    row: dict = {"quantizer": preset, "dim": dim, "dense_ms": med["dense"] * 1e3, "copy_gbps": gb / med["copy"],
+                 "materialize_linear_ms": med["materialize_linear"] * 1e3 if "materialize_linear" in t else None,
+                 "materialize_linear_vs_dense": paired(t["materialize_linear"], t["dense"])
+                 if "materialize_linear" in t else None}
     for mode in modes:
-        row[f"materialize_gbps_{mode}"] = gb / t[f"materialize_{mode}"]
-        row[f"decode_ms_{mode}"] = t[f"decode_{mode}"] * 1e3 if f"decode_{mode}" in t else None
+        row[f"materialize_gbps_{mode}"] = gb / med[f"materialize_{mode}"]
+        row[f"materialize_vs_copy_{mode}"] = paired(t["copy"], t[f"materialize_{mode}"])
+        dec = t.get(f"decode_{mode}")
+        row[f"decode_ms_{mode}"] = statistics.median(dec) * 1e3 if dec else None
+        row[f"decode_vs_dense_{mode}"] = paired(dec, t["dense"]) if dec else None
     return row
 
 
@@ -141,11 +155,15 @@ def smollm2_rows(presets: tuple[str, ...], new_tokens: int, reps: int) -> list[d
         for mode in ("torch", "native"):
             fns[f"gen_{mode}"] = (mode, generate(model), reps)
             fns[f"train_{mode}"] = (mode, train_step(model), max(1, reps - 1))
-        t = interleaved(fns)
+        t = {k: statistics.median(v) for k, v in interleaved(fns).items()}
         dense_s.append(t["dense"])
         rows.append({"model": preset, **{f"tokens_per_s_{m}": new_tokens / t[f"gen_{m}"] for m in ("torch", "native")},
                      **{f"train_step_s_{m}": t[f"train_{m}"] for m in ("torch", "native")}})
     return [{"model": "dense", "tokens_per_s": new_tokens / statistics.median(dense_s)}, *rows]
+
+
+def _ratio_cell(r: dict, value: str, ratio: str, fmt: str = ".2f") -> str:
+    return "-" if r.get(value) is None else f"{r[value]:{fmt}} ({r[ratio]:.2f}x)"
 
 
 def _cell(v: float | None, d: float | None = None, fmt: str = ".1f") -> str:
@@ -165,11 +183,11 @@ def goals(rows: list[dict]) -> str:
     for r in rows:
         p = r["quantizer"]
         if p in MATERIALIZE_GOAL and "materialize_gbps_native" in r:
-            v = r["materialize_gbps_native"] / r["copy_gbps"]
+            v = r["materialize_vs_copy_native"]
             out.append(f"{p} materialize {v:.2f} of the ceiling (goal >= {MATERIALIZE_GOAL[p]}: "
                        f"{'met' if v >= MATERIALIZE_GOAL[p] else 'missed'})")
         if p in DECODE_GOAL and r.get("decode_ms_native") is not None:
-            v = r["decode_ms_native"] / r["dense_ms"]
+            v = r["decode_vs_dense_native"]
             out.append(f"{p} decode {v:.2f}x dense (goal <= {DECODE_GOAL[p]}x: "
                        f"{'met' if v <= DECODE_GOAL[p] else 'missed'})")
     return "Issue 14's goals (set at 4096x4096), native: " + "; ".join(out) + "." if out else ""
@@ -180,9 +198,9 @@ def report(a: argparse.Namespace, rows: list[dict], lm: list[dict]) -> str:
     modes = [m for m in MODES if f"materialize_gbps_{m}" in rows[0]] if rows else []
     mat = [f"| {r['quantizer']} | " + " | ".join(f"{r[f'materialize_gbps_{m}']:.2f}" for m in modes)
            + f" | {r['copy_gbps']:.2f} | "
-           + " | ".join(f"{r[f'materialize_gbps_{m}'] / r['copy_gbps']:.2f}" for m in modes) + " |" for r in rows]
-    dec = [f"| {r['quantizer']} | {r['dense_ms']:.2f} | {_cell(r['materialize_linear_ms'], r['dense_ms'])} | "
-           + " | ".join(_cell(r[f'decode_ms_{m}'], r['dense_ms'], '.2f') for m in modes) + " |" for r in rows]
+           + " | ".join(f"{r[f'materialize_vs_copy_{m}']:.2f}" for m in modes) + " |" for r in rows]
+    dec = [f"| {r['quantizer']} | {r['dense_ms']:.2f} | {_ratio_cell(r, 'materialize_linear_ms', 'materialize_linear_vs_dense', '.1f')} | "
+           + " | ".join(_ratio_cell(r, f"decode_ms_{m}", f"decode_vs_dense_{m}") for m in modes) + " |" for r in rows]
     body = (
         f"One {a.dim}x{a.dim} weight, float32, {torch.get_num_threads()} torch thread(s). Ways: torch = "
         "`MODULORA_COMPILE=0` (the plugins' torch code, eager); compiled = `MODULORA_COMPILE=1 MODULORA_NATIVE=0` "
@@ -192,7 +210,9 @@ def report(a: argparse.Namespace, rows: list[dict], lm: list[dict]) -> str:
         f"(materialize, copy) and {DECODE_REPS} (decode, dense) calls. The machine was shared with other work "
         "while this ran: read the ratios, measured side by side, more than the absolute figures.\n\n"
         "Materialize: GB/s of float32 weight written (a fresh tensor each call, as in a training step), against "
-        "`copy_` into a preallocated float32 tensor of the same size (the ceiling).\n\n"
+        "`copy_` into a preallocated float32 tensor of the same size (the ceiling); the fractions of the ceiling "
+        "are medians of the per-round ratios (each materialize timed next to the copy), as are the decode "
+        "ratios below (each decode next to the dense layer).\n\n"
         "| quantizer | " + " | ".join(f"{m} GB/s" for m in modes) + " | copy GB/s | "
         + " | ".join(f"{m} / ceiling" for m in modes) + " |\n|" + "---|" * (2 + 2 * len(modes)) + "\n"
         + "\n".join(mat) + "\n\n"
