@@ -32,6 +32,8 @@ JOBS: list[tuple[str, str, list[str]]] = [
     ("quantizers", "bench_quantizers", []),
     ("quipsharp", "bench_quipsharp", ["--quick", "--threads", "1"]),
     ("quipsharp", "bench_quipsharp", ["--quick", "--threads", "1", "--ft", "0,16", "--presets", "quip#-2bit,quip#-4bit"]),
+    ("quipsharp", "bench_quipsharp", ["--quick", "--threads", "1", "--ft", "16", "--e2e", "16", "--presets",
+                                      "quip#-2bit,quip#-4bit"]),
     ("quipsharp", "bench_quipsharp", ["--quick", "--n-cal", "128", "--threads", "1", "--presets", "quip#-4bit"]),
     ("optq_ladder", "bench_optq_ladder", ["--quick"]),
     ("optq_presets", "bench_optq_presets", ["--quick", "--configs", "3asym64", "4asym128", "4asym64"]),

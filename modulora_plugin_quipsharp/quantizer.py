@@ -87,8 +87,10 @@ class QuipSharpConfig(QuantizerConfig):
 
 
 FT_STEPS = 16  # the -ft presets' Adam steps per block (docs/benchmarks.md, quipsharp-quick-ft*)
+FT_E2E_STEPS = 16  # and of their end-to-end stage (quipsharp-quick-ft16-e2e16-*)
 PRESETS: dict[str, QuipSharpConfig] = {
-    f"{name}-{b}bit{ft}": QuipSharpConfig(bits=b, ft_steps=FT_STEPS if ft else 0)
+    f"{name}-{b}bit{ft}": QuipSharpConfig(bits=b, ft_steps=FT_STEPS if ft else 0,
+                                          ft_e2e_steps=FT_E2E_STEPS if ft else 0)
     for name in ("quip#", "quipsharp") for b in (2, 3, 4) for ft in ("", "-ft")
 }
 

@@ -50,8 +50,9 @@ def test_presets():
             assert name in names and PRESETS[name].bits == bits
             assert modulora.get_preset(name).capabilities().needs_calibration
             # the same with QuIP#'s fine-tuning stage
-            assert name + "-ft" in names and PRESETS[name + "-ft"].ft_steps > 0
-            assert PRESETS[name + "-ft"].model_copy(update={"ft_steps": 0}) == PRESETS[name]
+            ft = PRESETS[name + "-ft"]
+            assert name + "-ft" in names and ft.ft_steps > 0 and ft.ft_e2e_steps > 0
+            assert ft.model_copy(update={"ft_steps": 0, "ft_e2e_steps": 0}) == PRESETS[name]
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
