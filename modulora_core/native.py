@@ -1,4 +1,5 @@
-"""CPU kernels in plain C (``native_kernels.c``), built on first use with the system C compiler, loaded by ctypes.
+"""CPU kernels in plain C (``native_kernels.c``, ``native_quip.c``), built on first use with the system C
+compiler, loaded by ctypes.
 
 They are the CPU half of :mod:`modulora_core.kernels`: ``torch.compile`` fuses a plugin's unpack and scale well
 on a GPU, but inductor's CPU code for these gathers and short group reductions is scalar and slow, and torch's
@@ -31,7 +32,9 @@ import torch
 
 from .kernels import compile_mode, compiles_on
 
-SOURCE = Path(__file__).with_name("native_kernels.c")
+_HERE = Path(__file__).parent
+SOURCES = (_HERE / "native_kernels.c", _HERE / "native_quip.c")  # one library
+HEADERS = (_HERE / "native_common.h",)
 ENV = "MODULORA_NATIVE"
 # -ffp-contract=off: no fused multiply-adds where the torch code rounds twice (NF4's double-quantized absmax)
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=c99")
@@ -66,10 +69,10 @@ def _build(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # build aside, rename: concurrent builds are safe
         out = Path(tmp) / path.name
-        res = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(out)], capture_output=True, text=True)
+        res = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", str(out)], capture_output=True, text=True)
         if res.returncode:  # a compiler without OpenMP (Apple clang): single-threaded kernels, same results
             flags = [f for f in FLAGS if f != "-fopenmp"]
-            res = subprocess.run([cc, *flags, str(SOURCE), "-o", str(out)], capture_output=True, text=True)
+            res = subprocess.run([cc, *flags, *map(str, SOURCES), "-o", str(out)], capture_output=True, text=True)
         if res.returncode:
             raise RuntimeError(f"{cc} failed: {res.stderr.strip()[:400]}")
         os.replace(out, path)
@@ -77,7 +80,8 @@ def _build(path: Path) -> None:
 
 @functools.lru_cache(maxsize=1)
 def _load() -> ctypes.CDLL | None:
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_key().encode()).hexdigest()[:16]
+    text = b"".join(f.read_bytes() for f in (*SOURCES, *HEADERS))
+    key = hashlib.sha256(text + " ".join(FLAGS).encode() + _cpu_key().encode()).hexdigest()[:16]
     cache = Path(os.environ.get("MODULORA_CACHE") or Path.home() / ".cache" / "modulora")
     path = cache / f"native-kernels-{key}.so"
     try:

@@ -254,7 +254,7 @@ def materialize_2bit_native(codes: torch.Tensor, rot_in: torch.Tensor | None, ro
     facs = tuple(f for f in (f_in, f_out) if f is not None)
     from .e8p import codebook_on
 
-    # a power-of-two n: the input side's three lowest levels come with the lookup (see native_kernels.c)
+    # a power-of-two n: the input side's three lowest levels come with the lookup (see native_quip.c)
     book = _codebook_h8(codes.device) if p_in.k == 1 else codebook_on(codes.device)
     so = native.lib(codes, book, row_factor, col_factor, *facs)
     if so is None or codes.dtype != torch.int16 or row_factor.dtype != torch.float64:
