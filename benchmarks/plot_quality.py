@@ -33,7 +33,9 @@ def quality_rows(data_dir: Path = DATA) -> tuple[list[dict], list[dict]]:
     """(rows of the chosen bench_quipsharp run, GPTQModel rows of the bench_optq run with the most of them)."""
     quip = _payloads("quipsharp", data_dir)
     main = max(quip, key=_completeness)["rows"] if quip else []
-    optq = [[r for r in p.get("rows", []) if r.get("family") == "gptqmodel"] for p in _payloads("optq", data_dir)]
+    # optq-ladder-quick's GPTQModel rows carry no bits per weight: only bench_optq's rows can be plotted
+    optq = [[r for r in p.get("rows", []) if r.get("family") == "gptqmodel" and {"name", "bits_per_weight"} <= r.keys()]
+            for p in _payloads("optq", data_dir)]
     return main, max(optq, key=len, default=[])
 
 
