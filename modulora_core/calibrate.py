@@ -92,25 +92,31 @@ def _run_until_stopped(model: nn.Module, tokens: torch.Tensor, batch_size: int, 
         raise CalibrationError(f"{type(model).__name__}'s forward never reached {where}")
 
 
-def capture_head_inputs(model: nn.Module, tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """What ``model`` feeds its output layer (``lm_head``) on ``tokens`` ``[n, t]``: ``[n, t, d]``, the
-    forward stopped there (the logits are not computed)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None:
-        raise CalibrationError(f"{type(model).__name__} has no output embeddings (lm_head), whose inputs "
-                               "end-to-end tuning compares; tune the decoder blocks alone instead")
+def head_inputs(model: nn.Module, head: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """What ``model`` feeds its output layer ``head`` on ``ids`` ``[b, t]``: ``[b, t, d]``, the forward stopped
+    there (the logits are not computed); autograd as the caller set it."""
     out: list[torch.Tensor] = []
 
     def grab(_mod: nn.Module, args: tuple) -> None:
-        out.append(args[0].detach())
+        out.append(args[0])
         raise _Stop
 
     handle = head.register_forward_pre_hook(grab)
     try:
-        _run_until_stopped(model, tokens, batch_size, "its output layer")
+        _run_until_stopped(model, ids, ids.shape[0], "its output layer")
     finally:
         handle.remove()
-    return torch.cat(out)  # (n, t, d)
+    return out[0]
+
+
+def capture_head_inputs(model: nn.Module, tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """:func:`head_inputs` of ``model`` on ``tokens`` ``[n, t]``, batch by batch, detached: ``[n, t, d]``."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        raise CalibrationError(f"{type(model).__name__} has no output embeddings (lm_head), whose inputs "
+                               "end-to-end tuning compares; tune the decoder blocks alone instead")
+    return torch.cat([head_inputs(model, head, tokens[a:a + batch_size]).detach()
+                      for a in range(0, tokens.shape[0], batch_size)])  # (n, t, d)
 
 
 def linear_stages(block: nn.Module, prefix: str, names: list[str], batch: _Batch,

@@ -23,35 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from modulora_core import QuantizedLinear
+from modulora_core.calibrate import head_inputs
 
 from .finetune import TunableLayer, release, store, swap
 
 if TYPE_CHECKING:
     from .quantizer import QuipSharpConfig, QuipSharpQuantizer
-
-
-class _Stop(Exception):
-    """Raised from the output layer's pre-hook: the logits are computed apart (student and teacher alike)."""
-
-
-def head_inputs(model: nn.Module, head: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """``model``'s input to its output layer ``head`` on ``ids`` ``[b, t]``: ``[b, t, d]``, autograd as set."""
-    out: list[torch.Tensor] = []
-
-    def grab(_mod: nn.Module, args: tuple) -> None:
-        out.append(args[0])
-        raise _Stop
-
-    handle = head.register_forward_pre_hook(grab)
-    try:
-        model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    if not out:
-        raise RuntimeError(f"{type(model).__name__}'s forward never reached its output layer")
-    return out[0]
 
 
 def kl_to_teacher(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
