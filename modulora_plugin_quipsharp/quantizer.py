@@ -87,10 +87,14 @@ class QuipSharpConfig(QuantizerConfig):
 
 
 FT_STEPS = 16  # the -ft presets' Adam steps per block (docs/benchmarks.md, quipsharp-quick-ft*)
-FT_E2E_STEPS = 16  # and of their end-to-end stage (quipsharp-quick-ft16-e2e16-*)
+# The -ft presets' end-to-end stage, per bit width. At 2 bits the calibration KL still fell ~20% per pass after
+# 16 steps, so it runs 32; at 4 bits lr 1e-3 raised the KL in the first pass, so it runs at 3e-4
+# (docs/benchmarks.md, quipsharp-quick-ft16-e2e*)
+FT_E2E_STEPS = {2: 32, 3: 16, 4: 16}
+FT_E2E_LR = {2: 1e-3, 3: 1e-3, 4: 3e-4}
 PRESETS: dict[str, QuipSharpConfig] = {
     f"{name}-{b}bit{ft}": QuipSharpConfig(bits=b, ft_steps=FT_STEPS if ft else 0,
-                                          ft_e2e_steps=FT_E2E_STEPS if ft else 0)
+                                          ft_e2e_steps=FT_E2E_STEPS[b] if ft else 0, ft_e2e_lr=FT_E2E_LR[b])
     for name in ("quip#", "quipsharp") for b in (2, 3, 4) for ft in ("", "-ft")
 }
 
