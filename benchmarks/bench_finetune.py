@@ -30,9 +30,11 @@ from pathlib import Path
 
 CONFIGS = ["dense", "quip#-2bit", "quip#-3bit", "quip#-4bit", "optq-3bit", "optq-4bit", "nf4", "qlora-bnb-nf4"]
 LABELS = {"dense": "dense LoRA (Q4_1-dequantized base)", "qlora-bnb-nf4": "PEFT + bitsandbytes QLoRA NF4"}
-# --lora-init: each preset with PEFT's init and with the residual init, against dense LoRA
-LORA_INIT_CONFIGS = ["dense", "quip#-2bit+residual", "quip#-2bit", "rtn-2bit+residual", "rtn-2bit", "nf4+residual",
-                     "nf4"]
+# --lora-init: one preset of each plugin with PEFT's init and with the residual init (+loftq: the residual init
+# with LoftQ-style alternation), against dense LoRA
+LORA_INIT_CONFIGS = ["dense", "quip#-2bit+residual", "quip#-2bit", "quip#-2bit+loftq", "optq-3bit+residual",
+                     "optq-3bit", "nf4+residual", "nf4", "nf4+loftq", "hqq-4bit+residual", "hqq-4bit"]
+LOFTQ_ITERATIONS = 3  # quantize W, then W - B·A twice more
 R, ALPHA = 8, 16.0
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -104,7 +106,9 @@ def run_one(config: str, steps: int, n_eval: int, n_cal: int, cal_len: int, roug
         dense = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         texts = [f"{e.prompt}\n{e.completion}" for e in task.examples("train")]
         preset, _, init_name = config.partition("+")
-        init = LoraInit(rank=R) if init_name == "residual" else None
+        if init_name not in ("", "residual", "loftq"):
+            raise SystemExit(f"unknown LoRA init {init_name!r} in {config!r}: use +residual or +loftq")
+        init = LoraInit(rank=R, iterations=LOFTQ_ITERATIONS if init_name == "loftq" else 1) if init_name else None
         base = quantize(dense, preset, calibration_texts=texts, tokenizer=tok, calibration_samples=n_cal,
                         seq_len=cal_len, lora_init=init)  # modulora.load(dense, preset, lora=None, ...)
         model, trainer_cls = _lora(base), ModuLoRATrainer
@@ -185,7 +189,8 @@ def init_table(rows: list[dict], steps: int) -> str:
     lines = [f"| configuration | val loss before | val loss after {steps} steps | vs dense LoRA after | "
              "gap closed vs dense LoRA | s / step | quantize s |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        label = LABELS.get(r["config"], "ModuLoRA " + r["config"].replace("+residual", ", residual init"))
+        label = LABELS.get(r["config"], "ModuLoRA " + r["config"].replace("+residual", ", residual init").replace(
+            "+loftq", f", residual init, {LOFTQ_ITERATIONS} rounds of alternation"))
         if "error" in r:
             lines.append(f"| {label} | failed: {r['error']} ||||||")
             continue
@@ -280,9 +285,11 @@ def _init_report(rows: list[dict], a: argparse.Namespace, steps: int, n_eval: in
             f"docsum, {steps} steps of batch 4, LoRA r={R} alpha={ALPHA:g} on every decoder-block linear, AdamW lr "
             f"1e-3 cosine, seed 0, the same data order for all. Each preset twice: PEFT's own LoRA init (B = 0) and "
             f"the residual init (`modulora.load(..., lora_init=\"residual\")`, CLI `--lora-init residual`: "
-            f"A, B from the rank-{R} SVD of W - W_q, activation-aware (via the calibration Hessian) for quip#; plain "
-            f"SVD for rtn and nf4, which take no calibration). Validation loss per answer token on the first "
-            f"{n_eval} validation examples (no ROUGE here, to keep the run short). Calibration (quip#): {n_cal} x "
+            f"A, B from the rank-{R} SVD of W - W_q, activation-aware (via the calibration Hessian) for quip# and "
+            f"optq; plain SVD for nf4 and hqq, which take no calibration); where marked, with {LOFTQ_ITERATIONS} "
+            f"rounds of LoftQ-style alternation (CLI `--lora-init-iterations {LOFTQ_ITERATIONS}`: quantize W - B·A "
+            f"again and refit B·A; quantize s includes the extra rounds). Validation loss per answer token on the first "
+            f"{n_eval} validation examples (no ROUGE here, to keep the run short). Calibration (quip#, optq): {n_cal} x "
             f"{cal_len} tokens of the docsum training text. 'gap closed vs dense LoRA': 1 - (loss after - dense "
             f"LoRA's loss after) / (the preset's loss before with PEFT's init - dense loss before), i.e. how much "
             f"of the gap that quantization opened is gone relative to dense LoRA after the same steps (the "

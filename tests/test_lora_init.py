@@ -130,9 +130,20 @@ def test_finetune_command_takes_lora_init_residual(tmp_path) -> None:
                             for w in "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()))
     out, model = tmp_path / "out", tiny_llama_dir(tmp_path / "tiny")
     p = run_modulora("finetune", "--model", model, "--quantizer", "rtn-2bit", "--data", data, "--out", out,
-                     "--max-steps", "1", "--eval-size", "2", "--lora-init", "residual", "-r", "4")
-    assert "LoRA initialized from the quantization residual on 14 linears" in p.stdout + p.stderr
+                     "--max-steps", "1", "--eval-size", "2", "--lora-init", "residual", "-r", "4",
+                     "--lora-init-iterations", "2")
+    assert "LoRA initialized from the quantization residual on 14 linears after 2 rounds of alternation" in (
+        p.stdout + p.stderr)
+    assert json.loads((out / "run_config.json").read_text())["lora_init_iterations"] == 2
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
     bad = run_modulora("finetune", "--model", out / "base", "--data", data, "--out", tmp_path / "o2",
                        "--lora-init", "residual", check=False)
     assert bad.returncode != 0 and "needs the dense weights" in bad.stdout + bad.stderr
+    alone = run_modulora("finetune", "--model", model, "--data", data, "--out", tmp_path / "o3",
+                         "--lora-init-iterations", "2", check=False)
+    assert alone.returncode != 0 and "add --lora-init residual" in alone.stdout + alone.stderr
+    assert not (tmp_path / "o3" / "run_config.json").exists()
+    unknown = run_modulora("finetune", "--model", model, "--data", data, "--out", tmp_path / "o4",
+                           "--lora-init", "loftq", check=False)
+    assert unknown.returncode == 2 and "--lora-init: Input should be 'default' or 'residual'" in unknown.stderr, (
+        unknown.stderr[-2000:])

@@ -28,16 +28,29 @@ def fail(msg: str, code: int = 2) -> typer.Exit:
 def user_errors() -> Iterator[None]:
     """Turn our own errors (and unreadable/unwritable paths) into ``error: ...`` and exit status 2; Ctrl-C
     into a message and status 130."""
+    from pydantic import ValidationError
+
     from modulora_core.errors import ModuLoRAError
 
     try:
         yield
     except ModuLoRAError as e:
         raise fail(str(e)) from None
+    except ValidationError as e:  # an option value the configs refuse: name the option, not pydantic's dump
+        raise fail("; ".join(_option_error(err) for err in e.errors())) from None
     except OSError as e:
         raise fail(f"{e.strerror or e} ({e.filename or ''})".strip()) from None
     except KeyboardInterrupt:  # saves are staged: nothing half-written is left behind
         raise fail("interrupted (Ctrl-C); nothing was written", 130) from None
+
+
+def _option_error(err: dict) -> str:
+    """One pydantic error as ``--option-name: message`` (model-level checks carry no field)."""
+    msg = str(err.get("msg", "")).removeprefix("Value error, ")
+    loc = [str(p) for p in err.get("loc", ()) if isinstance(p, str)]
+    if not loc:
+        return msg
+    return f"--{loc[0].replace('_', '-')}: {msg} (got {err.get('input')!r})"
 
 
 def help_text(text: str) -> str:

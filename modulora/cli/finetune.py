@@ -73,6 +73,7 @@ def register(app: typer.Typer) -> None:
         dora: Annotated[bool, typer.Option("--dora", help=_h("dora"))] = False,
         rslora: Annotated[bool, typer.Option("--rslora", help=_h("rslora"))] = False,
         lora_init: Annotated[str, typer.Option(help=_h("lora_init"))] = "default",
+        lora_init_iterations: Annotated[int, typer.Option(min=1, max=32, help=_h("lora_init_iterations"))] = 1,
         chunk_rows: Annotated[int | None, typer.Option(min=1, help=_h("chunk_rows"))] = None,
         eval_size: Annotated[int, typer.Option(min=0, help=_h("eval_size"))] = 32,
         eval_dense: Annotated[bool, typer.Option(help=_h("eval_dense"))] = False,

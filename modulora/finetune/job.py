@@ -122,7 +122,8 @@ def run(job: FinetuneConfig, train: TrainConfig, *, resume: bool = False, overwr
             if job.eval_dense and val and "dense" not in metrics:
                 say("scoring the unquantized model ...")
                 metrics["dense"] = score(dense, tok, task, val, max_len, job, train)
-            lora_init = modulora.LoraInit(rank=job.rank) if job.lora_init == "residual" else None
+            lora_init = (modulora.LoraInit(rank=job.rank, iterations=job.lora_init_iterations)
+                         if job.lora_init == "residual" else None)
             base = quantize(dense, preset, targets=job.targets, skip=job.skip, chunk_rows=job.chunk_rows,
                             calibration_texts=task_texts(task), tokenizer=tok,
                             calibration_samples=job.calibration_samples, seq_len=max_len, lora_init=lora_init)
@@ -138,8 +139,9 @@ def run(job: FinetuneConfig, train: TrainConfig, *, resume: bool = False, overwr
                        dora=job.dora, rslora=job.rslora)
     model = add_lora(base, lora)  # peft.get_peft_model
     if lora_init is not None:  # made with the base, by the main process; DDP broadcasts rank 0's adapter
+        rounds = f" after {lora_init.iterations} rounds of alternation" if lora_init.iterations > 1 else ""
         say(f"LoRA initialized from the quantization residual on {len(modulora.apply_lora_init(model, lora_init.factors))}"
-            f" linears")
+            f" linears{rounds}")
     n_trainable, _ = model.get_nb_trainable_parameters()
     say(f"task: {task.description}; {len(task.examples('train'))} training examples, {len(val)} validation "
         f"examples scored; quantizer {quantizer}; {_describe(lora)}, {n_trainable:,} trainable parameters; "

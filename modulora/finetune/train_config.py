@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 RUN_CONFIG = "run_config.json"  # in --out: the options of the run and its fingerprint; --resume reuses them
 
@@ -40,6 +40,9 @@ class FinetuneConfig(BaseModel):
     lora_init: Literal["default", "residual"] = Field(
         "default", description="LoRA initialization: default (PEFT's, B = 0) or residual (start at the quantization "
         "error, W_q + s·B·A ≈ W, activation-aware where the quantizer calibrates; needs a dense --model)")
+    lora_init_iterations: int = Field(
+        1, ge=1, le=32, description="with --lora-init residual: rounds of LoftQ-style alternation (quantize "
+        "W - B·A again, refit B·A to the new error); each round costs one more quantization of every layer")
     task: str = Field("docsum", description="built-in task: docsum (ROUGE) or docmodule (accuracy)")
     data: Path | None = Field(None, description="your own data (.jsonl/.json/.csv/.txt or a saved datasets "
                               "directory); replaces --task")
@@ -51,6 +54,13 @@ class FinetuneConfig(BaseModel):
                               "weights, several times faster; off for models too big to hold dense)")
     chat_template: bool | None = Field(None, description="render prompts with the tokenizer's chat template "
                                        "[default: when it has one]")
+
+    @model_validator(mode="after")
+    def _iterations_need_residual(self) -> FinetuneConfig:
+        if self.lora_init_iterations > 1 and self.lora_init != "residual":
+            raise ValueError(f"lora_init_iterations={self.lora_init_iterations} alternates quantization with the "
+                             f"residual LoRA init: add --lora-init residual, or leave --lora-init-iterations at 1")
+        return self
 
 
 class TrainConfig(BaseModel):
