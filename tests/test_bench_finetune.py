@@ -39,3 +39,17 @@ def test_init_table_gives_the_gap_to_dense_lora_closed_against_the_plain_preset(
     # the plain preset opened a gap of 1.0 before training; after: 0.3 left (70% closed), and 0.5 (50%)
     assert "| ModuLoRA rtn-2bit, residual init | 3.500 | 2.800 | +12.0% | 70% |" in text
     assert "| ModuLoRA rtn-2bit | 4.000 | 3.000 | +20.0% | 50% |" in text
+
+
+def test_two_bit_gap_of_an_init_row_is_measured_from_the_presets_peft_init_start() -> None:
+    # the -ft preset with PEFT's init starts at 4.0 (gap 1.0); the residual init starts elsewhere (3.6), but the
+    # gap quantization opened is still 1.0: after training 0.4 is left to dense LoRA, 60% closed
+    by = {"dense": _row("dense", 3.0, 2.5), "quip#-2bit-ft": _row("quip#-2bit-ft", 4.0, 3.1),
+          "quip#-2bit-ft+residual": _row("quip#-2bit-ft+residual", 3.6, 2.9)}
+    first, second = _target_notes(by, 80)
+    assert first.startswith("quip#-2bit-ft: +24.0%") and "(at PEFT's init)" in first
+    assert second.startswith("quip#-2bit-ft+residual: +16.0%") and "gap of 1.000 over dense (at PEFT's init)" in second
+    assert "gap to dense LoRA is 0.400 (60% closed: meets" in second
+    # alone, the init row can only be measured from its own start (gap 0.6, 0.4 left: 33% closed)
+    (alone,) = _target_notes({"dense": by["dense"], "quip#-2bit-ft+residual": by["quip#-2bit-ft+residual"]}, 80)
+    assert "gap of 0.600 over dense (from this row's own start)" in alone and "(33% closed: misses" in alone
