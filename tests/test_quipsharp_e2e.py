@@ -112,3 +112,15 @@ def test_residual_lora_init_is_refit_after_the_end_to_end_stage(dense):
 def test_bad_end_to_end_settings_are_clear_errors(bad):
     with pytest.raises(QuantizerConfigError, match=next(iter(bad))):
         get_preset("quip#").config.from_json({"family": "quip#", **bad})
+
+
+def test_too_few_calibration_sequences_for_the_end_to_end_stage_warn(dense):
+    # 16 sequences, 6 steps of 4 -> 1.5 passes: a warning naming the count that would do
+    with pytest.warns(UserWarning, match=r"6 steps of 4 sequences over 16 calibration sequences, 1.5 passes.*"
+                                         r"at least 24 sequences"):
+        quantized(dense, E2E.model_copy(update={"ft_e2e_steps": 6}))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one pass or less: nothing to warn about
+        quantized(dense, E2E.model_copy(update={"ft_e2e_steps": 4}))
