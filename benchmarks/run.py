@@ -38,6 +38,8 @@ JOBS: list[tuple[str, str, list[str]]] = [
     # the same on 128 calibration windows: on 32 the end-to-end stage fits the windows, not the text
     ("quipsharp", "bench_quipsharp", ["--quick", "--n-cal", "128", "--threads", "1", "--ft", "16", "--e2e", "32",
                                       "--presets", "quip#-2bit"]),
+    ("quipsharp", "bench_quipsharp", ["--quick", "--n-cal", "128", "--threads", "1", "--ft", "16", "--e2e", "16",
+                                      "--presets", "quip#-4bit"]),
     ("optq_ladder", "bench_optq_ladder", ["--quick"]),
     ("optq_presets", "bench_optq_presets", ["--quick", "--configs", "3asym64", "4asym128", "4asym64"]),
     ("optq_solver", "bench_optq_solver", []),
