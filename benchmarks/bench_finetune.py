@@ -32,8 +32,11 @@ CONFIGS = ["dense", "quip#-2bit", "quip#-3bit", "quip#-4bit", "optq-3bit", "optq
 LABELS = {"dense": "dense LoRA (Q4_1-dequantized base)", "qlora-bnb-nf4": "PEFT + bitsandbytes QLoRA NF4"}
 # --lora-init: one preset of each plugin with PEFT's init and with the residual init (+loftq: the residual init
 # with LoftQ-style alternation), against dense LoRA
-LORA_INIT_CONFIGS = ["dense", "quip#-2bit+residual", "quip#-2bit", "quip#-2bit+loftq", "optq-3bit+residual",
-                     "optq-3bit", "nf4+residual", "nf4", "nf4+loftq", "hqq-4bit+residual", "hqq-4bit"]
+# with the residual init (+svd: the same, by plain SVD where the preset has a calibration Hessian, to tell the
+# weighting's effect from the start's)
+LORA_INIT_CONFIGS = ["dense", "quip#-2bit+residual", "quip#-2bit+svd", "quip#-2bit", "quip#-2bit+loftq",
+                     "optq-3bit+residual", "optq-3bit+svd", "optq-3bit", "nf4+residual", "nf4", "nf4+loftq",
+                     "hqq-4bit+residual", "hqq-4bit"]
 LOFTQ_ITERATIONS = 3  # quantize W, then W - B·A twice more
 R, ALPHA = 8, 16.0
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -106,9 +109,10 @@ def run_one(config: str, steps: int, n_eval: int, n_cal: int, cal_len: int, roug
         dense = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         texts = [f"{e.prompt}\n{e.completion}" for e in task.examples("train")]
         preset, _, init_name = config.partition("+")
-        if init_name not in ("", "residual", "loftq"):
-            raise SystemExit(f"unknown LoRA init {init_name!r} in {config!r}: use +residual or +loftq")
-        init = LoraInit(rank=R, iterations=LOFTQ_ITERATIONS if init_name == "loftq" else 1) if init_name else None
+        if init_name not in ("", "residual", "loftq", "svd"):
+            raise SystemExit(f"unknown LoRA init {init_name!r} in {config!r}: use +residual, +svd or +loftq")
+        init = LoraInit(rank=R, iterations=LOFTQ_ITERATIONS if init_name == "loftq" else 1,
+                        activation_aware=init_name != "svd") if init_name else None
         base = quantize(dense, preset, calibration_texts=texts, tokenizer=tok, calibration_samples=n_cal,
                         seq_len=cal_len, lora_init=init)  # modulora.load(dense, preset, lora=None, ...)
         model, trainer_cls = _lora(base), ModuLoRATrainer
@@ -195,7 +199,8 @@ def init_table(rows: list[dict], steps: int) -> str:
              "gap closed vs dense LoRA | s / step | quantize s |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         label = LABELS.get(r["config"], "ModuLoRA " + r["config"].replace("+residual", ", residual init").replace(
-            "+loftq", f", residual init, {LOFTQ_ITERATIONS} rounds of alternation"))
+            "+loftq", f", residual init, {LOFTQ_ITERATIONS} rounds of alternation").replace(
+            "+svd", ", residual init by plain SVD"))
         if "error" in r:
             lines.append(f"| {label} | failed: {r['error']} ||||||")
             continue
@@ -286,7 +291,7 @@ def _report(rows: list[dict], a: argparse.Namespace, steps: int, n_eval: int, n_
 def _init_report(rows: list[dict], a: argparse.Namespace, steps: int, n_eval: int, n_cal: int, cal_len: int) -> None:
     from benchmarks.report import read_data
 
-    name = "lora-init" + ("-quick" if a.quick else "")
+    name = "lora-init" + ("-quick" if a.quick else "") + (f"-ncal{a.n_cal}" if a.n_cal else "")
     # losses are seeded and deterministic, so rows of an earlier run of the same settings (kept in the section's
     # data) complete a run of a subset; a configuration run now replaces its earlier row
     earlier = read_data(name) if not a.no_write else None
@@ -300,7 +305,8 @@ def _init_report(rows: list[dict], a: argparse.Namespace, steps: int, n_eval: in
             f"1e-3 cosine, seed 0, the same data order for all. Each preset twice: PEFT's own LoRA init (B = 0) and "
             f"the residual init (`modulora.load(..., lora_init=\"residual\")`, CLI `--lora-init residual`: "
             f"A, B from the rank-{R} SVD of W - W_q, activation-aware (via the calibration Hessian) for quip# and "
-            f"optq; plain SVD for nf4 and hqq, which take no calibration); where marked, with {LOFTQ_ITERATIONS} "
+            f"optq; plain SVD for nf4 and hqq, which take no calibration; 'by plain SVD': the same for quip# and "
+            f"optq without the Hessian, `LoraInit(activation_aware=False)` in Python); where marked, with {LOFTQ_ITERATIONS} "
             f"rounds of LoftQ-style alternation (CLI `--lora-init-iterations {LOFTQ_ITERATIONS}`: quantize W - B·A "
             f"again and refit B·A; quantize s includes the extra rounds). Validation loss per answer token on the first "
             f"{n_eval} validation examples (no ROUGE here, to keep the run short). Calibration (quip#, optq): {n_cal} x "
@@ -318,7 +324,7 @@ def _init_report(rows: list[dict], a: argparse.Namespace, steps: int, n_eval: in
             cmd += f" --steps {a.steps}"
         if a.n_cal:
             cmd += f" --n-cal {a.n_cal}"
-        if a.configs != ",".join(LORA_INIT_CONFIGS):
+        if not set(LORA_INIT_CONFIGS) <= {r["config"] for r in rows}:  # else the full run remakes every row
             cmd += f" --configs {a.configs}"
         write_section(name, f"Residual LoRA initialization against PEFT's, {steps} steps", cmd, body)
         write_data(name, cmd, rows)
