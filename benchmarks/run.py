@@ -46,7 +46,7 @@ JOBS: list[tuple[str, str, list[str]]] = [
     ("finetune", "bench_finetune", ["--quick"]),
     ("finetune", "bench_finetune", ["--quick", "--steps", "80", "--configs", "dense,quip#-2bit-ft+residual"]),
     ("finetune", "bench_finetune", ["--quick", "--steps", "80", "--n-cal", "128", "--configs",
-                                    "dense,quip#-2bit-ft+residual,quip#-2bit-ft,quip#-2bit-ft+loftq"]),
+                                    "dense,quip#-2bit-ft+residual,quip#-2bit-ft"]),
     ("finetune", "bench_finetune", ["--lora-init", "--quick"]),
     ("merge", "bench_merge", ["--quick", "--threads", "1"]),
     ("memory", "bench_memory", []),
