@@ -154,6 +154,16 @@ def _table(rows: list[dict], steps: int) -> str:
     return "\n".join(lines) + ("\n\n" + "\n".join(f"- {n}" for n in notes) if notes else "")
 
 
+def _peft_start(by: dict[str, dict], row: dict) -> tuple[float, bool]:
+    """The loss before training from which ``row``'s quantization gap is measured, and whether it is the start
+    with PEFT's init (B = 0): the plain preset's row for ``PRESET+init`` where that ran, else the row's own."""
+    name = row["config"]
+    plain = by.get(name.split("+")[0])
+    if plain is None or "loss_before" not in plain:
+        plain = row
+    return plain["loss_before"], plain is not row or "+" not in name
+
+
 def _target_notes(by: dict[str, dict], steps: int) -> list[str]:
     """Where each run stands against the targets: 4-bit within 1% of dense LoRA's validation loss; 2-bit
     finetuning closes at least half the gap to dense LoRA (after the same steps) that 2-bit quantization opened."""
@@ -161,10 +171,9 @@ def _target_notes(by: dict[str, dict], steps: int) -> list[str]:
     for name, r in by.items():
         if "2bit" in name and "loss_after" in r:
             # the gap quantization opened is measured at PEFT's init (B = 0): a residual init's own start
-            # already moves the loss, so its row is measured from the plain preset's start where that ran
-            plain = by.get(name.split("+")[0], r)
-            start = plain["loss_before"] if "loss_before" in plain else r["loss_before"]
-            origin = "at PEFT's init" if plain is not r or "+" not in name else "from this row's own start"
+            # already moves the loss
+            start, at_peft = _peft_start(by, r)
+            origin = "at PEFT's init" if at_peft else "from this row's own start"
             gap = start - dense["loss_before"]
             drop = start - r["loss_after"]
             # The headline is the gap left to dense LoRA after the same steps: the loss drop alone also counts
@@ -209,9 +218,8 @@ def init_table(rows: list[dict], steps: int) -> str:
             rel = f"{100 * (r['loss_after'] / dense['loss_after'] - 1):+.1f}%"
             # the gap quantization opened before any training (PEFT's init: B = 0, so the plain preset's
             # 'before'); after training, what is left of it against dense LoRA after the same steps
-            plain = by.get(r["config"].split("+")[0], r)
-            gap = plain["loss_before"] - dense["loss_before"]
-            if gap > 0 and "loss_before" in plain:
+            gap = _peft_start(by, r)[0] - dense["loss_before"]
+            if gap > 0:
                 closed = f"{100 * (1 - (r['loss_after'] - dense['loss_after']) / gap):.0f}%"
         lines.append(f"| {label} | {r['loss_before']:.3f} | {r['loss_after']:.3f} | {rel} | {closed} | "
                      f"{r['s_per_step']:.2f} | {r['quantize_s']:.0f} |")

@@ -6,6 +6,7 @@ tuned signs survive save/load, the residual LoRA init is refit after it, and bad
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -119,8 +120,6 @@ def test_too_few_calibration_sequences_for_the_end_to_end_stage_warn(dense):
     with pytest.warns(UserWarning, match=r"6 steps of 4 sequences over 16 calibration sequences, 1.5 passes.*"
                                          r"at least 24 sequences"):
         quantized(dense, E2E.model_copy(update={"ft_e2e_steps": 6}))
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # one pass or less: nothing to warn about
         quantized(dense, E2E.model_copy(update={"ft_e2e_steps": 4}))
