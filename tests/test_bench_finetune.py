@@ -53,3 +53,13 @@ def test_two_bit_gap_of_an_init_row_is_measured_from_the_presets_peft_init_start
     # alone, the init row can only be measured from its own start (gap 0.6, 0.4 left: 33% closed)
     (alone,) = _target_notes({"dense": by["dense"], "quip#-2bit-ft+residual": by["quip#-2bit-ft+residual"]}, 80)
     assert "gap of 0.600 over dense (from this row's own start)" in alone and "(33% closed: misses" in alone
+
+
+def test_bad_counts_are_clear_errors_before_anything_runs() -> None:
+    import subprocess
+    import sys
+
+    for flag in ("--steps", "--n-cal"):
+        p = subprocess.run([sys.executable, "-m", "benchmarks.bench_finetune", flag, "0", "--no-write"],
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2 and f"{flag} must be at least 1, got 0" in p.stderr
